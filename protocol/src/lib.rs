@@ -1,0 +1,31 @@
+//! # fedmesh-protocol
+//!
+//! The wire types, keys and signing of fedmesh, and its sans-IO core.
+//!
+//! **Architecture invariant:** this crate performs no IO, owns no clock and no randomness, and
+//! depends on no async runtime, network or storage crate. Time (`now_ms`) and RNGs are passed in.
+//! That is what lets one process simulate a thousand nodes deterministically.
+//!
+//! * [`keys`]: node keys, [`NodeId`] (prints as the libp2p `PeerId`), [`AgentName`], [`AgentId`].
+//! * [`vcv`]: the Versioned Capability Vector after Federation of Agents (arXiv 2509.20175).
+//! * [`message`]: every federation message.
+//! * [`envelope`]: the one canonical signed encoding; [`open`] turns bytes into a verified
+//!   [`Envelope`] or a typed [`Rejection`].
+//! * [`limits`]: every limit as a named constant.
+
+#![deny(missing_docs)]
+
+pub mod envelope;
+pub mod error;
+pub mod keys;
+pub mod limits;
+pub mod message;
+#[doc(hidden)]
+pub mod sample;
+pub mod vcv;
+
+pub use envelope::{ContentId, Envelope, content_id, open, open_batch, seal};
+pub use error::{Acceptance, Rejection};
+pub use keys::{AgentId, AgentName, IdError, NodeId, NodeKey};
+pub use message::{AgentLoad, DeclineReason, DigestEntry, Message, Outcome, TaskId, TaskSpec};
+pub use vcv::{Embedding, ResourceLimits, Resources, SkillBloom, Vcv};
