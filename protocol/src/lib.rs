@@ -20,8 +20,11 @@ pub mod error;
 pub mod keys;
 pub mod limits;
 pub mod message;
+pub mod registry;
+pub mod router;
 #[doc(hidden)]
 pub mod sample;
+pub mod task;
 pub mod vcv;
 
 pub use envelope::{ContentId, Envelope, content_id, open, open_batch, seal};

@@ -1,0 +1,304 @@
+//! Semantic routing after Federation of Agents, Eq. 2:
+//!
+//! `α(task, agent) = sim(c_t, c_a) · 1[p_t ⊆ p_a] · f(r_t, r_a) · cos(e_t, e_a)`
+//!
+//! * `sim` is the cosine of the capability embeddings; vectors of different embedding spaces are
+//!   never compared (the agent is skipped).
+//! * The policy gate and the skill gate (Bloom pre-filter, then exact tags) are hard.
+//! * `f` is a monotone penalty on the resource gap (see [`resource_fit`]).
+//! * The spec factor applies only when both sides carry a spec embedding of the same space.
+//!
+//! Agents with `α > τ` qualify; when none does, the `top_k` best are kept (FoA's fallback). The
+//! load term `1 − w · inflight / capacity` then orders the candidates, and agents at capacity
+//! are left out. Ties break on the agent id, so routing is deterministic.
+
+use crate::keys::AgentId;
+use crate::message::TaskSpec;
+use crate::vcv::{Embedding, ResourceLimits, Resources, SkillBloom, Vcv};
+
+/// Routing parameters (from the node's `[routing]` config).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RouterParams {
+    /// FoA's τ: the qualifying score.
+    pub threshold: f32,
+    /// How many agents to keep when none qualifies.
+    pub top_k: usize,
+    /// Weight of the load penalty, 0 to ignore load.
+    pub load_weight: f32,
+}
+
+impl Default for RouterParams {
+    fn default() -> Self {
+        Self {
+            threshold: 0.3,
+            top_k: 3,
+            load_weight: 0.5,
+        }
+    }
+}
+
+/// One ranked agent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    /// The agent.
+    pub agent: AgentId,
+    /// The VCV version the score used.
+    pub version: u64,
+    /// FoA's α.
+    pub alpha: f32,
+    /// α after the load penalty: the ranking key.
+    pub score: f32,
+}
+
+/// Dot product of two equal-length slices.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Cosine of two quantised embeddings, or `None` when their spaces or dimensions differ.
+pub fn cosine(a: &Embedding, b: &Embedding) -> Option<f32> {
+    if a.space != b.space || a.q.len() != b.q.len() {
+        return None;
+    }
+    let ip: i32 =
+        a.q.iter()
+            .zip(&b.q)
+            .map(|(&x, &y)| i32::from(x) * i32::from(y))
+            .sum();
+    let na: i32 = a.q.iter().map(|&x| i32::from(x) * i32::from(x)).sum();
+    let nb: i32 = b.q.iter().map(|&x| i32::from(x) * i32::from(x)).sum();
+    if na == 0 || nb == 0 {
+        return Some(0.0);
+    }
+    Some(ip as f32 / ((na as f32).sqrt() * (nb as f32).sqrt()))
+}
+
+/// FoA's `f(r_t, r_a)`: 1 when the agent meets every limit, falling with the square of the
+/// relative gap otherwise (monotone in each resource). `None` when a hard limit fails: the input
+/// is larger than the agent accepts.
+pub fn resource_fit(limits: &ResourceLimits, r: &Resources, input_bytes: usize) -> Option<f32> {
+    if r.max_input_bytes != 0 && input_bytes > r.max_input_bytes as usize {
+        return None;
+    }
+    fn at_most(limit: f64, have: f64) -> f64 {
+        if limit == 0.0 || have <= limit {
+            1.0
+        } else {
+            (limit / have).powi(2)
+        }
+    }
+    fn at_least(need: f64, have: f64) -> f64 {
+        if need == 0.0 || have >= need {
+            1.0
+        } else {
+            (have / need).powi(2)
+        }
+    }
+    let f = at_most(f64::from(limits.max_latency_ms), f64::from(r.latency_ms))
+        * at_most(limits.max_cost_micros as f64, r.cost_micros as f64)
+        * at_least(
+            f64::from(limits.min_context_tokens),
+            f64::from(r.context_tokens),
+        )
+        * at_least(f64::from(limits.min_gpu_mem_mb), f64::from(r.gpu_mem_mb));
+    Some(f as f32)
+}
+
+/// True when `have` (sorted) contains every label of `need` (sorted).
+fn contains_all(have: &[String], need: &[String]) -> bool {
+    need.iter().all(|n| have.binary_search(n).is_ok())
+}
+
+/// FoA's α for one agent, or `None` when a gate excludes it.
+pub fn alpha(task: &TaskSpec, task_bloom: &SkillBloom, vcv: &Vcv) -> Option<f32> {
+    if !vcv.skill_bloom.may_contain_all(task_bloom) || !contains_all(&vcv.skills, &task.skills) {
+        return None;
+    }
+    if !contains_all(&vcv.policies, &task.policies) {
+        return None;
+    }
+    let sim = cosine(&task.requirement, &vcv.capability)?;
+    let fit = resource_fit(&task.limits, &vcv.resources, task.input.len())?;
+    let spec = match (&task.spec, &vcv.spec) {
+        (Some(t), Some(a)) => cosine(t, a).unwrap_or(1.0).max(0.0),
+        _ => 1.0,
+    };
+    Some(sim * fit * spec)
+}
+
+/// Ranks `agents` for `task`. `inflight(agent)` gives current load; agents in `exclude` (already
+/// tried) and agents at capacity are skipped. The result is ordered best first.
+pub fn rank<'a>(
+    task: &TaskSpec,
+    agents: impl IntoIterator<Item = &'a Vcv>,
+    inflight: impl Fn(&AgentId) -> u16,
+    exclude: &[AgentId],
+    params: &RouterParams,
+) -> Vec<Candidate> {
+    let bloom = SkillBloom::of(task.skills.iter().map(String::as_str));
+    let mut scored: Vec<(f32, &Vcv)> = agents
+        .into_iter()
+        .filter(|v| !exclude.contains(&v.agent))
+        .filter_map(|v| alpha(task, &bloom, v).map(|a| (a, v)))
+        .collect();
+    let by_alpha = |a: &(f32, &Vcv), b: &(f32, &Vcv)| {
+        b.0.total_cmp(&a.0).then_with(|| a.1.agent.cmp(&b.1.agent))
+    };
+    scored.sort_by(by_alpha);
+    let qualified = scored
+        .iter()
+        .take_while(|(a, _)| *a > params.threshold)
+        .count();
+    scored.truncate(if qualified > 0 {
+        qualified
+    } else {
+        params.top_k
+    });
+    let mut out: Vec<Candidate> = scored
+        .into_iter()
+        .filter_map(|(alpha, v)| {
+            let cap = v.resources.capacity.max(1);
+            let load = inflight(&v.agent);
+            (load < cap).then(|| Candidate {
+                agent: v.agent.clone(),
+                version: v.version,
+                alpha,
+                score: alpha * (1.0 - params.load_weight * f32::from(load) / f32::from(cap)),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        b.score
+            .total_cmp(&a.score)
+            .then_with(|| a.agent.cmp(&b.agent))
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sample;
+
+    const NOW: u64 = 1_790_000_000_000;
+
+    fn agent(seed: u8, name: &str, cap_seed: u64) -> Vcv {
+        let mut v = sample::vcv(&sample::key(seed), name, 1, NOW);
+        v.capability = sample::embedding(cap_seed, 256);
+        v
+    }
+
+    fn task_like(cap_seed: u64) -> TaskSpec {
+        let mut t = sample::task(&sample::key(1), "r", NOW);
+        t.requirement = sample::embedding(cap_seed, 256);
+        t
+    }
+
+    #[test]
+    fn most_similar_agent_wins() {
+        let agents = [agent(1, "a", 10), agent(1, "b", 20), agent(1, "c", 30)];
+        let r = rank(
+            &task_like(20),
+            &agents,
+            |_| 0,
+            &[],
+            &RouterParams::default(),
+        );
+        assert_eq!(r[0].agent.name.as_str(), "b");
+        assert!(r[0].alpha > 0.99);
+        assert_eq!(r.len(), 1, "only b qualifies");
+    }
+
+    #[test]
+    fn fallback_to_top_k_when_none_qualifies() {
+        let agents: Vec<Vcv> = (0..6)
+            .map(|i| agent(1, &format!("a{i}"), 100 + i))
+            .collect();
+        let p = RouterParams {
+            threshold: 0.99,
+            top_k: 3,
+            load_weight: 0.0,
+        };
+        assert_eq!(rank(&task_like(7), &agents, |_| 0, &[], &p).len(), 3);
+    }
+
+    #[test]
+    fn policy_skill_and_space_gates() {
+        let mut no_policy = agent(1, "a", 20);
+        no_policy.policies.clear();
+        let mut no_skill = agent(1, "b", 20);
+        no_skill.skills = vec!["translate".into()];
+        no_skill.normalise();
+        let mut other_space = agent(1, "c", 20);
+        other_space.capability.space = "other/v1".into();
+        let r = rank(
+            &task_like(20),
+            &[no_policy, no_skill, other_space],
+            |_| 0,
+            &[],
+            &RouterParams::default(),
+        );
+        assert!(r.is_empty(), "{r:?}");
+    }
+
+    #[test]
+    fn load_and_capacity_and_exclusion() {
+        let a = agent(1, "a", 20);
+        let mut b = agent(1, "b", 20);
+        b.capability = a.capability.clone();
+        let agents = [a.clone(), b.clone()];
+        let p = RouterParams::default();
+        // Equal scores: the tie breaks on the id.
+        assert_eq!(
+            rank(&task_like(20), &agents, |_| 0, &[], &p)[0].agent,
+            a.agent
+        );
+        // a is busier: b wins.
+        let r = rank(
+            &task_like(20),
+            &agents,
+            |x| u16::from(x == &a.agent),
+            &[],
+            &p,
+        );
+        assert_eq!(r[0].agent, b.agent);
+        // a at capacity (4): excluded.
+        let r = rank(
+            &task_like(20),
+            &agents,
+            |x| if x == &a.agent { 4 } else { 0 },
+            &[],
+            &p,
+        );
+        assert_eq!(r.len(), 1);
+        // b already tried.
+        let r = rank(
+            &task_like(20),
+            &agents,
+            |_| 0,
+            std::slice::from_ref(&b.agent),
+            &p,
+        );
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].agent, a.agent);
+    }
+
+    #[test]
+    fn resource_penalty_is_monotone_and_input_limit_is_hard() {
+        let r = Resources {
+            latency_ms: 200,
+            max_input_bytes: 10,
+            ..Default::default()
+        };
+        let lim = |ms| ResourceLimits {
+            max_latency_ms: ms,
+            ..Default::default()
+        };
+        assert_eq!(resource_fit(&lim(0), &r, 1), Some(1.0));
+        assert_eq!(resource_fit(&lim(200), &r, 1), Some(1.0));
+        let f100 = resource_fit(&lim(100), &r, 1).expect("fit");
+        let f50 = resource_fit(&lim(50), &r, 1).expect("fit");
+        assert!(f100 > f50 && f50 > 0.0);
+        assert_eq!(resource_fit(&lim(0), &r, 11), None);
+    }
+}

@@ -1,0 +1,249 @@
+//! Task state machine: inject events, assert on the outputs.
+
+use fedmesh_protocol::registry::{Entry, Registry};
+use fedmesh_protocol::router::RouterParams;
+use fedmesh_protocol::task::{Output, Requester, TaskEvent, TaskParams, TaskState, Tasks};
+use fedmesh_protocol::{AgentId, ContentId, Outcome, TaskSpec, sample};
+
+const NOW: u64 = 1_790_000_000_000;
+
+fn params() -> TaskParams {
+    TaskParams {
+        router: RouterParams::default(),
+        max_attempts: 2,
+        attempt_timeout_ms: 1000,
+        max_live_tasks: 10,
+    }
+}
+
+fn registry(names: &[&str]) -> Registry {
+    let mut r = Registry::new(100);
+    let task = sample::task(&sample::key(1), "x", NOW);
+    for n in names {
+        let mut v = sample::vcv(&sample::key(1), n, 1, NOW);
+        v.capability = task.requirement.clone();
+        v.resources.capacity = 1;
+        r.insert(
+            Entry {
+                vcv: v,
+                id: ContentId([0; 32]),
+                envelope: vec![],
+            },
+            NOW,
+        )
+        .expect("insert");
+    }
+    r
+}
+
+fn requester() -> Requester {
+    Requester {
+        principal: "req".into(),
+        request_id: "r1".into(),
+        reply_topic: "t".into(),
+        correlation: None,
+    }
+}
+
+fn delivered_to(out: &[Output]) -> Option<AgentId> {
+    out.iter().find_map(|o| match o {
+        Output::Deliver { agent, .. } => Some(agent.clone()),
+        _ => None,
+    })
+}
+
+fn final_event(out: &[Output]) -> Option<(TaskState, Outcome)> {
+    out.iter().find_map(|o| match o {
+        Output::Notify {
+            event: TaskEvent::Finished { state, outcome, .. },
+            ..
+        } => Some((*state, outcome.clone())),
+        _ => None,
+    })
+}
+
+/// Every output batch persists a state before it tells anyone about it.
+fn assert_persist_first(out: &[Output]) {
+    if let Some(first_effect) = out.iter().position(|o| !matches!(o, Output::Persist(_))) {
+        let persisted_after = out[first_effect..]
+            .iter()
+            .any(|o| matches!(o, Output::Persist(_)));
+        let any_before = out[..first_effect]
+            .iter()
+            .any(|o| matches!(o, Output::Persist(_)));
+        assert!(
+            any_before || !persisted_after || out.is_empty(),
+            "effect before persist: {out:?}"
+        );
+    }
+    assert!(
+        !matches!(out.first(), Some(Output::Deliver { .. })),
+        "deliver before persist"
+    );
+}
+
+fn spec() -> TaskSpec {
+    sample::task(&sample::key(1), "r1", NOW)
+}
+
+#[test]
+fn submit_routes_and_result_completes() {
+    let reg = registry(&["a"]);
+    let mut t = Tasks::new(sample::key(1).node_id(), params());
+    let out = t.submit(spec(), requester(), &reg, NOW).expect("submit");
+    assert_persist_first(&out);
+    let agent = delivered_to(&out).expect("delivered");
+    assert_eq!(
+        t.get(&spec().id).map(|r| r.state),
+        Some(TaskState::Assigned)
+    );
+    let out = t.progress(&agent, spec().id, 50, "half".into(), NOW + 1);
+    assert_persist_first(&out);
+    assert_eq!(t.get(&spec().id).map(|r| r.state), Some(TaskState::Running));
+    let out = t.result(
+        &agent,
+        spec().id,
+        Outcome::Ok(b"42".to_vec()),
+        &reg,
+        NOW + 2,
+    );
+    assert_persist_first(&out);
+    assert_eq!(
+        final_event(&out),
+        Some((TaskState::Completed, Outcome::Ok(b"42".to_vec())))
+    );
+    assert_eq!(t.load(&agent), 0);
+    // A late duplicate result changes nothing.
+    assert!(
+        t.result(
+            &agent,
+            spec().id,
+            Outcome::Ok(b"43".to_vec()),
+            &reg,
+            NOW + 3
+        )
+        .is_empty()
+    );
+}
+
+#[test]
+fn submit_is_idempotent() {
+    let reg = registry(&["a"]);
+    let mut t = Tasks::new(sample::key(1).node_id(), params());
+    t.submit(spec(), requester(), &reg, NOW).expect("submit");
+    let again = t.submit(spec(), requester(), &reg, NOW).expect("again");
+    assert!(
+        delivered_to(&again).is_none(),
+        "second submit must not run the task again"
+    );
+    assert!(again.iter().all(|o| !matches!(o, Output::Persist(_))));
+    assert_eq!(t.counts().values().sum::<usize>(), 1);
+}
+
+#[test]
+fn failure_retries_on_another_agent_then_gives_up() {
+    let reg = registry(&["a", "b"]);
+    let mut t = Tasks::new(sample::key(1).node_id(), params());
+    let first =
+        delivered_to(&t.submit(spec(), requester(), &reg, NOW).expect("submit")).expect("first");
+    let out = t.result(
+        &first,
+        spec().id,
+        Outcome::Failed("boom".into()),
+        &reg,
+        NOW + 1,
+    );
+    let second = delivered_to(&out).expect("retried");
+    assert_ne!(first, second);
+    let out = t.result(
+        &second,
+        spec().id,
+        Outcome::Failed("boom".into()),
+        &reg,
+        NOW + 2,
+    );
+    let (state, outcome) = final_event(&out).expect("final");
+    assert_eq!(state, TaskState::Failed);
+    assert!(matches!(outcome, Outcome::Failed(r) if r.contains("gave up after 2 attempts")));
+}
+
+#[test]
+fn attempt_timeout_retries_and_deadline_expires() {
+    let reg = registry(&["a", "b"]);
+    let mut t = Tasks::new(sample::key(1).node_id(), params());
+    let first =
+        delivered_to(&t.submit(spec(), requester(), &reg, NOW).expect("submit")).expect("first");
+    assert!(t.tick(&reg, NOW + 999).is_empty());
+    let out = t.tick(&reg, NOW + 1000);
+    let second = delivered_to(&out).expect("retried after timeout");
+    assert_ne!(first, second);
+    assert_eq!(t.load(&first), 0, "timed-out attempt frees capacity");
+    let out = t.tick(&reg, spec().deadline_ms);
+    assert_eq!(final_event(&out).map(|f| f.0), Some(TaskState::Expired));
+}
+
+#[test]
+fn waits_for_capacity_then_routes() {
+    let reg = registry(&["a"]);
+    let mut t = Tasks::new(sample::key(1).node_id(), params());
+    let a = delivered_to(&t.submit(spec(), requester(), &reg, NOW).expect("submit")).expect("a");
+    let mut s2 = sample::task(&sample::key(1), "r2", NOW);
+    s2.requirement = spec().requirement;
+    let out = t
+        .submit(s2.clone(), requester(), &reg, NOW)
+        .expect("submit 2");
+    assert!(delivered_to(&out).is_none(), "agent a is at capacity 1");
+    assert_eq!(t.get(&s2.id).map(|r| r.state), Some(TaskState::Routed));
+    t.result(&a, spec().id, Outcome::Ok(vec![]), &reg, NOW + 1);
+    assert_eq!(delivered_to(&t.tick(&reg, NOW + 2)), Some(a));
+}
+
+#[test]
+fn restore_resumes_and_redelivers_undelivered_results() {
+    let reg = registry(&["a"]);
+    let mut t = Tasks::new(sample::key(1).node_id(), params());
+    let mut persisted = std::collections::BTreeMap::new();
+    let mut record = |out: &[Output]| {
+        for o in out {
+            if let Output::Persist(r) = o {
+                persisted.insert(r.spec.id, (**r).clone());
+            }
+        }
+    };
+    let out = t.submit(spec(), requester(), &reg, NOW).expect("submit");
+    record(&out);
+    let a = delivered_to(&out).expect("a");
+    let mut s2 = sample::task(&sample::key(1), "r2", NOW);
+    s2.requirement = spec().requirement;
+    record(&t.submit(s2.clone(), requester(), &reg, NOW).expect("s2"));
+    record(&t.result(&a, spec().id, Outcome::Ok(b"done".to_vec()), &reg, NOW + 1));
+    // Crash: the result of task 1 was never marked delivered; task 2 was waiting.
+    let mut t2 = Tasks::new(sample::key(1).node_id(), params());
+    let out = t2.restore(persisted.values().cloned());
+    assert_eq!(
+        final_event(&out).map(|f| f.1),
+        Some(Outcome::Ok(b"done".to_vec()))
+    );
+    assert_eq!(
+        delivered_to(&t2.tick(&reg, NOW + 2)),
+        Some(a),
+        "waiting task carries on"
+    );
+    assert_eq!(t2.mark_delivered(spec().id).len(), 1);
+    assert!(t2.mark_delivered(spec().id).is_empty());
+}
+
+#[test]
+fn overload_is_refused() {
+    let reg = registry(&[]);
+    let mut t = Tasks::new(
+        sample::key(1).node_id(),
+        TaskParams {
+            max_live_tasks: 1,
+            ..params()
+        },
+    );
+    t.submit(spec(), requester(), &reg, NOW).expect("first");
+    let s2 = sample::task(&sample::key(1), "r2", NOW);
+    assert!(t.submit(s2, requester(), &reg, NOW).is_err());
+}
