@@ -163,6 +163,8 @@ pub struct RoutingConfig {
     pub top_k: usize,
     /// Time an agent has to accept an offered task.
     pub offer_timeout_ms: u64,
+    /// Time one attempt may run before the task is retried on another agent.
+    pub attempt_timeout_ms: u64,
     /// Attempts (on different agents) before a task fails.
     pub max_attempts: u32,
     /// Deadline for tasks that do not set one.
@@ -241,6 +243,7 @@ impl Default for RoutingConfig {
             threshold: 0.3,
             top_k: 3,
             offer_timeout_ms: 2_000,
+            attempt_timeout_ms: 60_000,
             max_attempts: 3,
             default_deadline_ms: 300_000,
             load_weight: 0.5,

@@ -105,6 +105,7 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
     }
     at_least("routing.top_k", r.top_k as u64, 1)?;
     at_least("routing.offer_timeout_ms", r.offer_timeout_ms, 1)?;
+    at_least("routing.attempt_timeout_ms", r.attempt_timeout_ms, 1)?;
     at_least("routing.max_attempts", r.max_attempts.into(), 1)?;
     at_least("routing.default_deadline_ms", r.default_deadline_ms, 1)?;
     if r.offer_timeout_ms >= r.default_deadline_ms {
