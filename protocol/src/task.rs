@@ -417,6 +417,26 @@ impl Tasks {
         out
     }
 
+    /// Re-sends every task currently held by `agent` (assigned or running), same attempt. The
+    /// shell calls it when an agent (re)connects and advertises: after a node restart the broker
+    /// has forgotten every undelivered message, so the agent may never have seen its tasks.
+    /// Agents must treat a repeated `task_id` as the same task.
+    pub fn redeliver(&self, agent: &AgentId) -> Vec<Output> {
+        self.tasks
+            .values()
+            .filter(|r| {
+                r.agent.as_ref() == Some(agent)
+                    && matches!(r.state, TaskState::Assigned | TaskState::Running)
+            })
+            .map(|r| Output::Deliver {
+                agent: agent.clone(),
+                agent_version: 0,
+                task: Box::new(r.spec.clone()),
+                attempt: r.attempts,
+            })
+            .collect()
+    }
+
     /// The shell handed the final result to the requester's reply topic.
     pub fn mark_delivered(&mut self, task: TaskId) -> Vec<Output> {
         match self.tasks.get_mut(&task) {

@@ -230,6 +230,10 @@ fn restore_resumes_and_redelivers_undelivered_results() {
         "waiting task carries on"
     );
     assert_eq!(t2.mark_delivered(spec().id).len(), 1);
+    // The task routed after the restart is held by `a`; a reconnecting `a` gets it again.
+    let again = t2.redeliver(&a);
+    assert_eq!(delivered_to(&again), Some(a.clone()));
+    assert_eq!(again.len(), 1);
     assert!(t2.mark_delivered(spec().id).is_empty());
 }
 
