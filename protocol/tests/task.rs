@@ -226,7 +226,7 @@ fn restore_resumes_and_redelivers_undelivered_results() {
     );
     assert_eq!(
         delivered_to(&t2.tick(&reg, NOW + 2)),
-        Some(a),
+        Some(a.clone()),
         "waiting task carries on"
     );
     assert_eq!(t2.mark_delivered(spec().id).len(), 1);
