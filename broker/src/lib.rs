@@ -1,0 +1,397 @@
+//! The embedded MQTT broker of a fedmesh node: rumqttd 0.20 behind our own MQTT-aware
+//! TCP front proxy. This is the only crate in fedmesh that knows rumqttd.
+//!
+//! # Why a proxy
+//!
+//! rumqttd has no per-topic ACL and its link does not say who published, so nothing
+//! stops agent B from publishing a result "as" agent A. It also has defects a client can
+//! trigger or suffer: no TCP_NODELAY (40 ms stalls); a panic that poisons a listener's
+//! mutex and refuses every later client (a refused client id such as `a/b`,
+//! reconnecting); server topic aliases keyed by subscription filter (v5 wildcard
+//! subscribers receive messages under the wrong topic); Keep Alive 0 refused. So we
+//! own the public listeners and put a small MQTT-aware proxy in front of
+//! rumqttd, which listens only on loopback ports with a random per-process login:
+//!
+//! * every socket (client and upstream) gets TCP_NODELAY;
+//! * the CONNECT is read within `connect_timeout` and size-capped, then checked: client
+//!   id `[A-Za-z0-9_.-]{1,64}` (or assigned `anon-…` when empty), credentials
+//!   ([`CredentialStore`]), anonymous policy, will topic against the ACL; refusals get a
+//!   proper CONNACK code (v4 0x02/0x04/0x05, v5 0x85/0x86/0x87) and rumqttd never sees
+//!   them. The CONNECT rumqttd gets carries the internal login, a client id namespaced by
+//!   principal (`u:P:id` / `a:id`, so principals cannot take over each other's
+//!   sessions), Keep Alive 0 → 65535, and no v5 Topic Alias Maximum (so rumqttd never
+//!   uses server topic aliases);
+//! * afterwards every client frame is delimited and checked (flags, size, PUBLISH topic
+//!   and SUBSCRIBE filters against the ACL) and forwarded unchanged, payloads streaming
+//!   through; broker frames are delimited so the proxy can insert its own acks;
+//! * connections beyond `max_connections` are refused by the proxy (rumqttd's router
+//!   has spare slots, so it never refuses after CONNECT).
+//!
+//! A watchdog probes the internal listeners every second and replaces a
+//! dead one on the same router; the node talks to rumqttd through an in-process link
+//! ([`link`]) that no listener failure affects.
+//!
+//! # The ACL and what it buys
+//!
+//! With `P` the principal (user name after a login; client id for anonymous clients,
+//! which may not use a registered agent name), see [`acl`]:
+//! * publish under `fedmesh/v1/` only to `fedmesh/v1/agent/P/<op>` or
+//!   `fedmesh/v1/client/P/<op>` (one level); `$`-topics only under
+//!   `$a2a/v1/discovery/P/…`; any other topic freely;
+//! * subscribe to anything that cannot match another principal's namespace
+//!   `fedmesh/v1/{agent|client}/Q/…` (`$share/g/…` checked on the inner filter);
+//! * denials: QoS 0 publish dropped; QoS 1/2 answered PUBACK/PUBREC 0x87 (v5) or the
+//!   connection closed (3.1.1, which has no negative ack); SUBSCRIBE answered by the
+//!   proxy with SUBACK 0x80 (v4) / 0x87 (v5) for every filter of the packet. All counted.
+//!
+//! So a message on `fedmesh/v1/{agent|client}/P/<op>` was published by principal `P`:
+//! the node's link subscribes to exactly those topics and hands them over as
+//! [`Inbound`] with `principal = P`; the node itself may not publish there
+//! ([`acl::node_may_publish`]). This stops an agent from advertising, withdrawing or
+//! answering as another agent, and from eavesdropping on another principal's namespace.
+//!
+//! It does not stop: a principal lying in its *own* messages (payloads should still be
+//! signed where it matters); anonymous clients (when enabled) from claiming any unused
+//! name, which is why anonymity should stay on loopback; abuse outside `fedmesh/v1/`
+//! (an ordinary broker's trust model); a local process that can read this process's
+//! memory. It relies on the node never forwarding a principal's data onto another
+//! principal's topic: MQTT 5 response topics are chosen by the requester, so check
+//! them before replying.
+//!
+//! Memory: see [`BrokerLimits`] for what the memory budget derives.
+
+pub mod acl;
+mod codec;
+mod credentials;
+mod error;
+mod internal;
+pub mod link;
+mod metrics;
+mod proxy;
+mod sessions;
+mod settings;
+mod watchdog;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::info;
+
+pub use acl::Role;
+pub use credentials::CredentialStore;
+pub use error::BrokerError;
+pub use link::{Inbound, Outbound, Qos};
+pub use metrics::MetricsSnapshot;
+pub use settings::{BrokerLimits, BrokerSettings};
+
+use crate::codec::Version;
+use crate::internal::{Endpoints, InternalAuth, InternalConfig, ProbeIds, RouterHandle};
+use crate::metrics::Metrics;
+use crate::proxy::{Defences, ProxyShared};
+use crate::watchdog::{Internal, Listeners};
+
+/// Health of the broker, for the node's health endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Serving.
+    Healthy,
+    /// A rumqttd listener failed its probe; the watchdog is replacing it. Existing
+    /// connections and the node link are unaffected.
+    Degraded {
+        /// What failed.
+        reason: String,
+    },
+    /// rumqttd's router is gone; the node link is dead. Restart the process.
+    Failed {
+        /// What failed.
+        reason: String,
+    },
+    /// [`Broker::shutdown`] was called.
+    Stopped,
+}
+
+/// Shared health state.
+#[derive(Debug)]
+pub(crate) struct HealthCell(Mutex<Health>);
+
+impl HealthCell {
+    fn new() -> Self {
+        Self(Mutex::new(Health::Healthy))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn get(&self) -> Health {
+        self.lock().clone()
+    }
+
+    pub(crate) fn degrade(&self, reason: String) {
+        let mut h = self.lock();
+        if matches!(*h, Health::Healthy | Health::Degraded { .. }) {
+            *h = Health::Degraded { reason };
+        }
+    }
+
+    pub(crate) fn recover(&self) {
+        let mut h = self.lock();
+        if matches!(*h, Health::Degraded { .. }) {
+            *h = Health::Healthy;
+        }
+    }
+
+    pub(crate) fn fail(&self, reason: &str) {
+        let mut h = self.lock();
+        if *h != Health::Stopped {
+            *h = Health::Failed {
+                reason: reason.to_owned(),
+            };
+        }
+    }
+
+    fn stop(&self) {
+        *self.lock() = Health::Stopped;
+    }
+}
+
+/// The running broker.
+pub struct Broker {
+    metrics: Arc<Metrics>,
+    health: Arc<HealthCell>,
+    limits: BrokerLimits,
+    outbound: mpsc::Sender<Outbound>,
+    local_v4: SocketAddr,
+    local_v5: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    internal: Arc<Internal>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("local_v4", &self.local_v4)
+            .field("local_v5", &self.local_v5)
+            .field("limits", &self.limits)
+            .field("health", &self.health.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    /// Starts rumqttd, the proxy listeners, the node link and the watchdog.
+    ///
+    /// Must be called inside a tokio runtime. Returns the broker and the bounded queue of
+    /// messages principals published on their `fedmesh/v1/{agent|client}/P/op` topics.
+    pub fn start(
+        settings: BrokerSettings,
+    ) -> Result<(Broker, mpsc::Receiver<Inbound>), BrokerError> {
+        Self::start_with(settings, Defences::default())
+    }
+
+    pub(crate) fn start_with(
+        settings: BrokerSettings,
+        defences: Defences,
+    ) -> Result<(Broker, mpsc::Receiver<Inbound>), BrokerError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| BrokerError::NoRuntime)?;
+        let limits = BrokerLimits::from_settings(&settings)?;
+        if limits.max_connections < settings.max_connections {
+            tracing::warn!(
+                requested = settings.max_connections,
+                admitted = limits.max_connections,
+                budget = settings.memory_budget_bytes,
+                "max_connections capped by the memory budget"
+            );
+        }
+        let credentials = settings
+            .credentials_path
+            .as_deref()
+            .map(CredentialStore::open)
+            .transpose()?
+            .map(Arc::new);
+
+        let bind = |addr: SocketAddr| {
+            proxy::bind(addr).map_err(|source| BrokerError::Bind { addr, source })
+        };
+        let listener_v4 = bind(settings.listen_v4)?;
+        let listener_v5 = settings.listen_v5.map(bind).transpose()?;
+        let local_v4 = listener_v4
+            .local_addr()
+            .map_err(|source| BrokerError::Bind {
+                addr: settings.listen_v4,
+                source,
+            })?;
+        let local_v5 = match (&listener_v5, settings.listen_v5) {
+            (Some(l), Some(addr)) => Some(
+                l.local_addr()
+                    .map_err(|source| BrokerError::Bind { addr, source })?,
+            ),
+            _ => None,
+        };
+
+        let cfg = InternalConfig {
+            auth: InternalAuth::random(),
+            max_payload_size: limits.max_frame_bytes + 1024,
+            connection_timeout_ms: u16::try_from(settings.connect_timeout.as_millis())
+                .unwrap_or(u16::MAX),
+        };
+        let router = Arc::new(RouterHandle::spawn(limits.router_config()));
+        // The node link first: rumqttd reuses connection ids (slab slots) and may deliver
+        // a stale disconnect for a slot's previous holder; slot 0 never had one.
+        let (link_tx, link_rx) = link::open(&router)?;
+        let probe_ids = ProbeIds::default();
+        let v4 = internal::spawn_listener(&router, Version::V4, &cfg, &probe_ids)?;
+        let v5 = internal::spawn_listener(&router, Version::V5, &cfg, &probe_ids)?;
+        let (endpoints_tx, endpoints_rx) = watch::channel(Endpoints {
+            v4: v4.endpoint(),
+            v5: v5.endpoint(),
+        });
+
+        let metrics = Arc::new(Metrics::default());
+        let health = Arc::new(HealthCell::new());
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+        let (inbound_tx, inbound_rx) = mpsc::channel(settings.queue_depth);
+        let (outbound_tx, outbound_rx) = mpsc::channel(settings.queue_depth);
+        link::spawn_sender(link_tx, outbound_rx, health.clone())?;
+
+        let auth = cfg.auth.clone();
+        let internal = Arc::new(Internal {
+            router,
+            cfg,
+            probe_ids,
+            listeners: Mutex::new(Some(Listeners { v4, v5 })),
+            endpoints: endpoints_tx,
+        });
+        let shared = Arc::new(ProxyShared {
+            metrics: metrics.clone(),
+            limits: limits.clone(),
+            anonymous: settings.anonymous,
+            credentials,
+            connect_timeout: settings.connect_timeout,
+            endpoints: endpoints_rx,
+            auth,
+            admission: Arc::new(Semaphore::new(limits.max_connections)),
+            refusals: Arc::new(Semaphore::new(proxy::POLITE_REFUSALS)),
+            defences,
+            sessions: Default::default(),
+            shutdown: shutdown_rx.clone(),
+        });
+
+        let mut tasks = vec![
+            runtime.spawn(link::receive(
+                link_rx,
+                inbound_tx,
+                metrics.clone(),
+                health.clone(),
+                shutdown_rx.clone(),
+            )),
+            runtime.spawn(proxy::accept_loop(listener_v4, shared.clone())),
+            runtime.spawn(watchdog::run(
+                internal.clone(),
+                metrics.clone(),
+                health.clone(),
+                shutdown_rx,
+            )),
+        ];
+        if let Some(l) = listener_v5 {
+            tasks.push(runtime.spawn(proxy::accept_loop(l, shared)));
+        }
+        info!(%local_v4, ?local_v5, max_connections = limits.max_connections, "MQTT broker listening");
+        Ok((
+            Broker {
+                metrics,
+                health,
+                limits,
+                outbound: outbound_tx,
+                local_v4,
+                local_v5,
+                shutdown: shutdown_tx,
+                tasks,
+                internal,
+            },
+            inbound_rx,
+        ))
+    }
+
+    /// Queues a message for publishing; fails with [`BrokerError::QueueFull`] (counted
+    /// in `outbound_dropped`) when the outbound queue is full.
+    pub fn publish(&self, msg: Outbound) -> Result<(), BrokerError> {
+        link::check_outbound(&msg, self.limits.max_payload_bytes)?;
+        match self.outbound.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                Metrics::inc(&self.metrics.outbound_dropped);
+                Err(BrokerError::QueueFull)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(BrokerError::Stopped),
+        }
+    }
+
+    /// Queues a message for publishing, waiting for queue capacity.
+    pub async fn publish_wait(&self, msg: Outbound) -> Result<(), BrokerError> {
+        link::check_outbound(&msg, self.limits.max_payload_bytes)?;
+        self.outbound
+            .send(msg)
+            .await
+            .map_err(|_| BrokerError::Stopped)
+    }
+
+    /// Address of the first public listener (the `listen_v4` setting).
+    pub fn local_addr_v4(&self) -> SocketAddr {
+        self.local_v4
+    }
+
+    /// Address of the second public listener (the `listen_v5` setting), if enabled.
+    pub fn local_addr_v5(&self) -> Option<SocketAddr> {
+        self.local_v5
+    }
+
+    /// The limits derived from the settings.
+    pub fn limits(&self) -> &BrokerLimits {
+        &self.limits
+    }
+
+    /// Current counters.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.metrics.snapshot()
+    }
+
+    /// Current health.
+    pub fn health(&self) -> Health {
+        self.health.get()
+    }
+
+    /// Stops listening, closes every client connection and stops the watchdog and the
+    /// node link. rumqttd's router thread cannot be stopped and stays (idle) until the
+    /// process exits.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        for t in std::mem::take(&mut self.tasks) {
+            let _ = t.await;
+        }
+        // Connection tasks watch the same signal; give them a moment to finish.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while self.metrics.snapshot().connections_active > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.internal.retire_all();
+        self.health.stop();
+        info!("MQTT broker stopped");
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+    }
+}

@@ -1,0 +1,94 @@
+//! Broker counters: atomics updated on the hot paths, snapshotted for export.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! metrics {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        /// Live counters (relaxed atomics).
+        #[derive(Debug, Default)]
+        pub(crate) struct Metrics {
+            $( pub(crate) $name: AtomicU64, )*
+        }
+
+        /// A point-in-time copy of the broker's counters, for the node's Prometheus export.
+        /// All are monotonic counters except `connections_active` (a gauge).
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        pub struct MetricsSnapshot {
+            $( $(#[$doc])* pub $name: u64, )*
+        }
+
+        impl MetricsSnapshot {
+            /// Every counter with its name, for export.
+            pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> {
+                [$( (stringify!($name), self.$name), )*].into_iter()
+            }
+        }
+
+        impl Metrics {
+            pub(crate) fn snapshot(&self) -> MetricsSnapshot {
+                MetricsSnapshot {
+                    $( $name: self.$name.load(Ordering::Relaxed), )*
+                }
+            }
+        }
+    };
+}
+
+metrics! {
+    /// TCP connections accepted on the public listeners.
+    connections_accepted,
+    /// Client connections currently open (gauge).
+    connections_active,
+    /// CONNECTs refused for an invalid client id (`[A-Za-z0-9_.-]{1,64}` expected).
+    connects_refused_bad_id,
+    /// CONNECTs refused for missing or wrong credentials, or anonymous access.
+    connects_refused_bad_auth,
+    /// CONNECTs refused because the will topic is outside the principal's rights.
+    connects_refused_acl,
+    /// Connections closed because no CONNECT arrived within `connect_timeout`.
+    connects_refused_timeout,
+    /// Connections closed because the first packet was not a valid CONNECT.
+    connects_refused_garbage,
+    /// Connections refused because `max_connections` were open.
+    connects_refused_limit,
+    /// Connections refused because rumqttd did not accept the proxied CONNECT.
+    connects_refused_unavailable,
+    /// PUBLISHes denied by the ACL (dropped, answered 0x87 or connection closed).
+    acl_denied_publish,
+    /// SUBSCRIBE filters denied by the ACL.
+    acl_denied_subscribe,
+    /// Connections closed after CONNECT for malformed or oversized packets.
+    protocol_errors,
+    /// Frames from clients.
+    frames_in,
+    /// Frames to clients.
+    frames_out,
+    /// Bytes from clients.
+    bytes_in,
+    /// Bytes to clients.
+    bytes_out,
+    /// Messages for the node dropped because the inbound queue was full.
+    inbound_dropped,
+    /// Messages from the node dropped because the outbound queue was full.
+    outbound_dropped,
+    /// Messages for the node dropped for a malformed topic or a missing principal.
+    inbound_malformed,
+    /// Watchdog probes of rumqttd's internal listeners that failed.
+    watchdog_failures,
+    /// rumqttd internal listeners replaced by the watchdog.
+    listener_restarts,
+}
+
+impl Metrics {
+    pub(crate) fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn dec(counter: &AtomicU64) {
+        counter.fetch_sub(1, Ordering::Relaxed);
+    }
+}

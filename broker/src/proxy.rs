@@ -1,0 +1,1101 @@
+//! The MQTT-aware TCP front proxy: public listeners, CONNECT checks, ACL, streaming relay.
+//!
+//! Per connection: set TCP_NODELAY; read the CONNECT (bounded size, `connect_timeout`);
+//! decide (client id, credentials, will topic); open a loopback connection (TCP_NODELAY)
+//! to rumqttd's internal listener for that protocol version; send a rewritten CONNECT
+//! (internal login, namespaced client id, Keep Alive 0 → 65535, no v5 Topic Alias
+//! Maximum); wait for rumqttd's CONNACK (never dropping the upstream before it, see
+//! below) and pass it on (v5: our Topic Alias Maximum, Assigned Client Identifier,
+//! Maximum Packet Size). Then relay frames both ways. Client frames are checked (flags,
+//! size, PUBLISH topic and SUBSCRIBE filters against the ACL) and forwarded unchanged;
+//! payloads stream through in chunks and are never buffered whole. Broker frames are
+//! delimited (so the proxy can insert its own acks between them) and, for v5 PUBLISH,
+//! checked for server topic aliases.
+//!
+//! rumqttd's listener-killing panic needs a connection refused *after* its CONNECT was
+//! accepted for processing: a client id the router rejects (`+ $ # /`), a full router,
+//! or a socket that closes before rumqttd writes the CONNACK. The proxy rules out all
+//! three: client ids are `[A-Za-z0-9_.-]` behind a `u:`/`a:` prefix, the proxy admits
+//! fewer connections than the router has slots, and it holds the upstream socket open
+//! until the CONNACK arrives.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::time::timeout;
+use tracing::{debug, info, warn};
+
+use crate::acl;
+use crate::codec::{self, CodecError, Connect, FixedHeader, Version, prop};
+use crate::credentials::CredentialStore;
+use crate::internal::{Endpoints, InternalAuth};
+use crate::metrics::Metrics;
+use crate::sessions::Sessions;
+use crate::settings::BrokerLimits;
+
+/// Read buffer growth step per connection and direction.
+const READ_CHUNK: usize = 8 * 1024;
+/// Write buffer per connection and direction.
+const WRITE_BUF: usize = 8 * 1024;
+/// Largest CONNECT accepted (its will payload included).
+pub(crate) const CONNECT_CAP: usize = 64 * 1024;
+/// Largest PUBLISH variable header (topic + properties) inspected.
+const INSPECT_CAP: usize = 64 * 1024;
+/// Largest SUBSCRIBE accepted.
+const SUBSCRIBE_CAP: usize = 64 * 1024;
+/// Topic aliases a v5 client may use towards the broker (advertised in CONNACK).
+pub(crate) const CLIENT_TOPIC_ALIAS_MAX: u16 = 16;
+/// Bytes of topics a client's aliases may stand for in total.
+const ALIAS_BYTES_MAX: usize = 16 * 1024;
+/// Frames the client-side task may queue for the client (its own acks).
+const INJECT_DEPTH: usize = 16;
+/// A client that does not take a frame within this time is disconnected.
+const WRITE_STALL: Duration = Duration::from_secs(30);
+/// Connections at the limit that are told so (with a CONNACK) concurrently; beyond
+/// this they are just closed.
+pub(crate) const POLITE_REFUSALS: usize = 64;
+/// How long the proxy waits for rumqttd to close an upstream connection it half-closed.
+const LINGER: Duration = Duration::from_secs(2);
+/// How long the proxy waits for rumqttd to close a connection after a DISCONNECT.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
+/// Keep Alive sent to rumqttd for clients that asked for 0 (rumqttd refuses 0).
+const KEEP_ALIVE_FOR_ZERO: u16 = u16::MAX;
+
+/// Switches for the defences that tests turn off to show the defect they prevent.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Defences {
+    /// Remove a v5 client's Topic Alias Maximum before it reaches rumqttd.
+    pub(crate) strip_topic_alias_max: bool,
+    /// Close a v5 connection rather than relay a broker PUBLISH that uses a topic alias.
+    pub(crate) refuse_server_aliases: bool,
+}
+
+impl Default for Defences {
+    fn default() -> Self {
+        Self {
+            strip_topic_alias_max: true,
+            refuse_server_aliases: true,
+        }
+    }
+}
+
+/// Everything connection tasks share.
+#[derive(Debug)]
+pub(crate) struct ProxyShared {
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) limits: BrokerLimits,
+    pub(crate) anonymous: bool,
+    pub(crate) credentials: Option<Arc<CredentialStore>>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) endpoints: watch::Receiver<Endpoints>,
+    pub(crate) auth: InternalAuth,
+    pub(crate) admission: Arc<Semaphore>,
+    pub(crate) refusals: Arc<Semaphore>,
+    pub(crate) defences: Defences,
+    pub(crate) sessions: Sessions,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnError {
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("connection closed in the middle of a packet")]
+    Eof,
+    #[error("{0}")]
+    Codec(#[from] CodecError),
+    #[error("frame of {0} bytes exceeds the limit")]
+    FrameTooLarge(usize),
+    #[error("PUBLISH payload of {0} bytes exceeds max_payload_bytes")]
+    PayloadTooLarge(usize),
+    #[error("PUBLISH header larger than {INSPECT_CAP} bytes")]
+    HeaderTooLarge,
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
+    #[error("topic alias {0} out of range")]
+    AliasInvalid(u16),
+    #[error("topic aliases exceed {ALIAS_BYTES_MAX} bytes of topics")]
+    AliasQuota,
+    #[error("MQTT 3.1.1 client may not publish on {0:?}; closing")]
+    Denied(String),
+    #[error("broker used a server topic alias; closing rather than mislabel messages")]
+    ServerAlias,
+    #[error("client did not read for {WRITE_STALL:?}")]
+    Stalled,
+}
+
+impl ConnError {
+    /// The v5 DISCONNECT reason to send the client before closing, if any.
+    fn disconnect_reason(&self) -> Option<u8> {
+        Some(match self {
+            ConnError::Codec(_) => 0x81,
+            ConnError::Protocol(_) => 0x82,
+            ConnError::FrameTooLarge(_)
+            | ConnError::PayloadTooLarge(_)
+            | ConnError::HeaderTooLarge => 0x95,
+            ConnError::AliasInvalid(_) => 0x94,
+            ConnError::AliasQuota => 0x97,
+            ConnError::Io(_)
+            | ConnError::Eof
+            | ConnError::Denied(_)
+            | ConnError::ServerAlias
+            | ConnError::Stalled => {
+                return None;
+            }
+        })
+    }
+
+    /// Whether the peer misbehaved (as opposed to a network error).
+    fn is_protocol_error(&self) -> bool {
+        !matches!(self, ConnError::Io(_) | ConnError::Eof | ConnError::Stalled)
+    }
+}
+
+/// Buffered reader that delimits MQTT frames without buffering payloads whole.
+struct FrameReader<R> {
+    rd: R,
+    buf: BytesMut,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    fn new(rd: R) -> Self {
+        Self {
+            rd,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+        }
+    }
+
+    /// The next frame's fixed header, if fully buffered.
+    fn header(&self) -> Result<Option<FixedHeader>, CodecError> {
+        codec::parse_fixed_header(&self.buf)
+    }
+
+    /// Reads more bytes (cancel-safe); `false` at end of stream.
+    async fn fill(&mut self) -> io::Result<bool> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        Ok(self.rd.read_buf(&mut self.buf).await? > 0)
+    }
+
+    /// Buffers at least `n` bytes. Callers bound `n`.
+    async fn ensure(&mut self, n: usize) -> Result<(), ConnError> {
+        if self.buf.capacity() < n {
+            self.buf.reserve(n - self.buf.len());
+        }
+        while self.buf.len() < n {
+            if !self.fill().await? {
+                return Err(ConnError::Eof);
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the next `n` bytes to `w`, streaming.
+    async fn forward<W: AsyncWrite + Unpin>(
+        &mut self,
+        mut n: usize,
+        w: &mut W,
+    ) -> Result<(), ConnError> {
+        while n > 0 {
+            if self.buf.is_empty() && !self.fill().await? {
+                return Err(ConnError::Eof);
+            }
+            let take = n.min(self.buf.len());
+            w.write_all(&self.buf[..take]).await?;
+            self.buf.advance(take);
+            n -= take;
+        }
+        Ok(())
+    }
+
+    /// Discards the next `n` bytes, streaming.
+    async fn skip(&mut self, mut n: usize) -> Result<(), ConnError> {
+        while n > 0 {
+            if self.buf.is_empty() && !self.fill().await? {
+                return Err(ConnError::Eof);
+            }
+            let take = n.min(self.buf.len());
+            self.buf.advance(take);
+            n -= take;
+        }
+        Ok(())
+    }
+}
+
+/// Accepts one connection and sets TCP_NODELAY on it (rumqttd never does: delayed ACKs
+/// then stall small messages for up to 40 ms).
+pub(crate) async fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
+    let (stream, peer) = listener.accept().await?;
+    stream.set_nodelay(true)?;
+    Ok((stream, peer))
+}
+
+/// Binds a public listener.
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    // Accepted sockets inherit it on Linux; `accept` sets it again everywhere.
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+fn transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::InvalidInput
+    )
+}
+
+/// Accepts until shutdown.
+pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<ProxyShared>) {
+    let mut shutdown = shared.shutdown.clone();
+    let m = shared.metrics.clone();
+    loop {
+        let accepted = tokio::select! {
+            r = accept(&listener) => r,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                Metrics::inc(&m.connections_accepted);
+                match shared.admission.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        tokio::spawn(serve(stream, peer, shared.clone(), permit));
+                    }
+                    Err(_) => {
+                        Metrics::inc(&m.connects_refused_limit);
+                        debug!(%peer, "connection limit reached");
+                        if let Ok(permit) = shared.refusals.clone().try_acquire_owned() {
+                            tokio::spawn(refuse_busy(stream, shared.clone(), permit));
+                        }
+                    }
+                }
+            }
+            Err(e) if transient_accept_error(&e) => debug!(error = %e, "accept"),
+            Err(e) => {
+                // E.g. out of file descriptors: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+struct ActiveGuard(Arc<Metrics>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        Metrics::dec(&self.0.connections_active);
+    }
+}
+
+struct EndpointGuard(Arc<AtomicUsize>);
+
+impl EndpointGuard {
+    fn new(active: &Arc<AtomicUsize>) -> Self {
+        active.fetch_add(1, Ordering::Relaxed);
+        Self(active.clone())
+    }
+}
+
+impl Drop for EndpointGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<ProxyShared>,
+    _permit: OwnedSemaphorePermit,
+) {
+    Metrics::inc(&shared.metrics.connections_active);
+    let _active = ActiveGuard(shared.metrics.clone());
+    let mut shutdown = shared.shutdown.clone();
+    tokio::select! {
+        r = connection(stream, peer, &shared) => {
+            if let Err(e) = r {
+                if e.is_protocol_error() {
+                    Metrics::inc(&shared.metrics.protocol_errors);
+                    info!(%peer, error = %e, "connection closed");
+                } else {
+                    debug!(%peer, error = %e, "connection closed");
+                }
+            }
+        }
+        _ = shutdown.wait_for(|s| *s) => {}
+    }
+}
+
+/// Tells a client over the connection limit that the server is busy.
+async fn refuse_busy(stream: TcpStream, shared: Arc<ProxyShared>, _permit: OwnedSemaphorePermit) {
+    let wait = shared.connect_timeout.min(Duration::from_secs(2));
+    let (rd, mut wr) = stream.into_split();
+    let mut reader = FrameReader::new(rd);
+    if let Ok(Ok(c)) = timeout(wait, read_connect(&mut reader)).await {
+        let code = match c.version {
+            Version::V4 => 0x03,
+            Version::V5 => 0x89,
+        };
+        let _ = timeout(
+            wait,
+            wr.write_all(&codec::ConnAck::code(code).encode(c.version)),
+        )
+        .await;
+    }
+}
+
+/// What the first packet turned out to be, when it is not a usable CONNECT.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("{0}")]
+    Conn(#[from] ConnError),
+    #[error("first packet is not CONNECT")]
+    NotConnect,
+}
+
+async fn read_connect<R: AsyncRead + Unpin>(
+    r: &mut FrameReader<R>,
+) -> Result<Connect, ConnectError> {
+    let h = loop {
+        match r.header().map_err(ConnError::from)? {
+            Some(h) => break h,
+            None => {
+                if !r.fill().await.map_err(ConnError::from)? {
+                    return Err(ConnError::Eof.into());
+                }
+            }
+        }
+    };
+    if h.byte0 != codec::CONNECT << 4 {
+        return Err(ConnectError::NotConnect);
+    }
+    if h.remaining > CONNECT_CAP {
+        return Err(ConnError::FrameTooLarge(h.remaining).into());
+    }
+    r.ensure(h.frame_len()).await?;
+    let c = codec::parse_connect(&r.buf[h.header_len..h.frame_len()]).map_err(ConnError::from)?;
+    r.buf.advance(h.frame_len());
+    Ok(c)
+}
+
+/// Why a CONNECT is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    BadId(&'static str),
+    BadAuth(&'static str),
+    NotAuthorized(&'static str),
+    BadAuthMethod,
+    WillDenied,
+    Unavailable,
+}
+
+impl Refusal {
+    fn code(self, v: Version) -> u8 {
+        match (self, v) {
+            (Refusal::BadId(_), Version::V4) => 0x02,
+            (Refusal::BadId(_), Version::V5) => 0x85,
+            (Refusal::BadAuth(_), Version::V4) | (Refusal::BadAuthMethod, Version::V4) => 0x04,
+            (Refusal::BadAuth(_), Version::V5) => 0x86,
+            (Refusal::BadAuthMethod, Version::V5) => 0x8c,
+            (Refusal::NotAuthorized(_) | Refusal::WillDenied, Version::V4) => 0x05,
+            (Refusal::NotAuthorized(_) | Refusal::WillDenied, Version::V5) => 0x87,
+            (Refusal::Unavailable, Version::V4) => 0x03,
+            (Refusal::Unavailable, Version::V5) => 0x88,
+        }
+    }
+
+    fn count(self, m: &Metrics) {
+        Metrics::inc(match self {
+            Refusal::BadId(_) => &m.connects_refused_bad_id,
+            Refusal::BadAuth(_) | Refusal::NotAuthorized(_) | Refusal::BadAuthMethod => {
+                &m.connects_refused_bad_auth
+            }
+            Refusal::WillDenied => &m.connects_refused_acl,
+            Refusal::Unavailable => &m.connects_refused_unavailable,
+        });
+    }
+}
+
+/// An admitted client.
+#[derive(Debug, Clone)]
+struct Admitted {
+    principal: String,
+    /// The client id as the client knows it (assigned when it sent none).
+    client_id: String,
+    assigned: bool,
+    /// The client id rumqttd sees: `u:{principal}:{client_id}` after a login,
+    /// `a:{client_id}` for anonymous clients. The prefix keeps principals from taking
+    /// over each other's sessions (rumqttd drops the older connection of a client id).
+    internal_id: String,
+}
+
+fn random_suffix() -> String {
+    let mut b = [0u8; 16];
+    rand::fill(&mut b[..]);
+    data_encoding::HEXLOWER.encode(&b)
+}
+
+fn admit(c: &Connect, sh: &ProxyShared) -> Result<Admitted, Refusal> {
+    let (client_id, assigned) = if c.client_id.is_empty() {
+        if c.version == Version::V4 && !c.clean {
+            return Err(Refusal::BadId("empty client id needs a clean session"));
+        }
+        (format!("anon-{}", random_suffix()), true)
+    } else if acl::valid_name(&c.client_id) {
+        (c.client_id.clone(), false)
+    } else {
+        return Err(Refusal::BadId(
+            "client id must be 1-64 of A-Z a-z 0-9 _ . -",
+        ));
+    };
+    if c.version == Version::V5 && c.properties.get(prop::AUTH_METHOD).is_some() {
+        return Err(Refusal::BadAuthMethod);
+    }
+    let (principal, logged_in) = match (&c.username, &c.password) {
+        (Some(user), Some(password)) => {
+            let ok = acl::valid_name(user)
+                && sh
+                    .credentials
+                    .as_ref()
+                    .is_some_and(|store| store.verify(user, password));
+            if !ok {
+                return Err(Refusal::BadAuth("wrong user name or password"));
+            }
+            (user.clone(), true)
+        }
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(Refusal::BadAuth("user name and password go together"));
+        }
+        (None, None) => {
+            if !sh.anonymous {
+                return Err(Refusal::NotAuthorized("anonymous access is disabled"));
+            }
+            if sh
+                .credentials
+                .as_ref()
+                .is_some_and(|s| s.contains(&client_id))
+            {
+                return Err(Refusal::NotAuthorized(
+                    "client id is a registered agent name; log in as it",
+                ));
+            }
+            (client_id.clone(), false)
+        }
+    };
+    if let Some(w) = &c.will
+        && !acl::may_publish(&principal, &w.topic)
+    {
+        return Err(Refusal::WillDenied);
+    }
+    let internal_id = if logged_in {
+        format!("u:{principal}:{client_id}")
+    } else {
+        format!("a:{client_id}")
+    };
+    Ok(Admitted {
+        principal,
+        client_id,
+        assigned,
+        internal_id,
+    })
+}
+
+async fn send_connack<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    ack: &codec::ConnAck,
+    v: Version,
+    m: &Metrics,
+) -> io::Result<()> {
+    let bytes = ack.encode(v);
+    Metrics::inc(&m.frames_out);
+    Metrics::add(&m.bytes_out, bytes.len() as u64);
+    w.write_all(&bytes).await?;
+    w.flush().await
+}
+
+async fn read_connack<R: AsyncRead + Unpin>(
+    r: &mut FrameReader<R>,
+    v: Version,
+) -> Result<codec::ConnAck, ConnError> {
+    let h = loop {
+        match r.header()? {
+            Some(h) => break h,
+            None => {
+                if !r.fill().await? {
+                    return Err(ConnError::Eof);
+                }
+            }
+        }
+    };
+    if h.kind() != codec::CONNACK {
+        return Err(ConnError::Protocol("rumqttd did not answer with CONNACK"));
+    }
+    if h.remaining > CONNECT_CAP {
+        return Err(ConnError::FrameTooLarge(h.remaining));
+    }
+    r.ensure(h.frame_len()).await?;
+    let ack = codec::parse_connack(&r.buf[h.header_len..h.frame_len()], v)?;
+    r.buf.advance(h.frame_len());
+    Ok(ack)
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    sh: &ProxyShared,
+) -> Result<(), ConnError> {
+    let m = &sh.metrics;
+    let (crd, cwr) = stream.into_split();
+    let mut client = FrameReader::new(crd);
+    let mut cw = BufWriter::with_capacity(WRITE_BUF, cwr);
+
+    // 1. The CONNECT.
+    let connect = match timeout(sh.connect_timeout, read_connect(&mut client)).await {
+        Err(_) => {
+            Metrics::inc(&m.connects_refused_timeout);
+            debug!(%peer, "no CONNECT in time");
+            return Ok(());
+        }
+        Ok(Err(ConnectError::Conn(ConnError::Codec(CodecError::UnsupportedProtocol(level))))) => {
+            Metrics::inc(&m.connects_refused_garbage);
+            info!(%peer, level, "unsupported MQTT protocol level");
+            // MQTT 3.1.1 §3.1.2.2: CONNACK 0x01, then close.
+            let _ = send_connack(&mut cw, &codec::ConnAck::code(0x01), Version::V4, m).await;
+            return Ok(());
+        }
+        Ok(Err(ConnectError::Conn(ConnError::Io(_) | ConnError::Eof))) => {
+            Metrics::inc(&m.connects_refused_garbage);
+            debug!(%peer, "closed before CONNECT");
+            return Ok(());
+        }
+        Ok(Err(e)) => {
+            Metrics::inc(&m.connects_refused_garbage);
+            info!(%peer, error = %e, "not an MQTT CONNECT; closing");
+            return Ok(());
+        }
+        Ok(Ok(c)) => c,
+    };
+    Metrics::inc(&m.frames_in);
+    let version = connect.version;
+
+    // 2. Who is it, and may it?
+    let admitted = match admit(&connect, sh) {
+        Ok(a) => a,
+        Err(refusal) => {
+            refusal.count(m);
+            info!(%peer, client_id = %connect.client_id, user = ?connect.username, ?refusal, "CONNECT refused");
+            send_connack(
+                &mut cw,
+                &codec::ConnAck::code(refusal.code(version)),
+                version,
+                m,
+            )
+            .await?;
+            return Ok(());
+        }
+    };
+
+    // 3. The upstream connection to rumqttd, once a previous connection with the same
+    // rumqttd client id is completely gone (see `sessions`).
+    let Some(mut takeover) = sh
+        .sessions
+        .take_over(&admitted.internal_id, sh.connect_timeout + LINGER)
+        .await
+    else {
+        Refusal::Unavailable.count(m);
+        info!(%peer, client_id = %admitted.client_id, "previous connection did not close in time");
+        let ack = codec::ConnAck::code(Refusal::Unavailable.code(version));
+        send_connack(&mut cw, &ack, version, m).await?;
+        return Ok(());
+    };
+    let endpoint = sh.endpoints.borrow().get(version).clone();
+    let _endpoint_guard = EndpointGuard::new(&endpoint.active);
+    let refuse_unavailable = |why: String| {
+        Refusal::Unavailable.count(m);
+        warn!(%peer, endpoint = %endpoint.addr, error = %why, "rumqttd unavailable");
+        codec::ConnAck::code(Refusal::Unavailable.code(version))
+    };
+    let upstream = match timeout(sh.connect_timeout, TcpStream::connect(endpoint.addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let ack = refuse_unavailable(e.to_string());
+            send_connack(&mut cw, &ack, version, m).await?;
+            return Ok(());
+        }
+        Err(_) => {
+            let ack = refuse_unavailable("connect timed out".into());
+            send_connack(&mut cw, &ack, version, m).await?;
+            return Ok(());
+        }
+    };
+    upstream.set_nodelay(true)?;
+    let (urd, uwr) = upstream.into_split();
+    let mut up = FrameReader::new(urd);
+    let mut uw = BufWriter::with_capacity(WRITE_BUF, uwr);
+
+    let mut inner = connect;
+    inner.client_id = admitted.internal_id.clone();
+    inner.username = Some(sh.auth.user.clone());
+    inner.password = Some(bytes::Bytes::copy_from_slice(sh.auth.secret.as_bytes()));
+    if inner.keep_alive == 0 {
+        inner.keep_alive = KEEP_ALIVE_FOR_ZERO;
+    }
+    if version == Version::V5 && sh.defences.strip_topic_alias_max {
+        // rumqttd keys server topic aliases by subscription filter, so with aliases on,
+        // wildcard subscribers get messages under the wrong topic. Without this property
+        // rumqttd never creates server aliases (router/connection.rs `topic_alias_max`).
+        inner.properties.remove(prop::TOPIC_ALIAS_MAX);
+    }
+    uw.write_all(&inner.encode()).await?;
+    uw.flush().await?;
+    // Hold the upstream open until rumqttd answers: closing it before the CONNACK is
+    // written is one of the ways to trigger rumqttd's stale-will panic.
+    let mut ack = match timeout(sh.connect_timeout, read_connack(&mut up, version)).await {
+        Ok(Ok(ack)) => ack,
+        Ok(Err(e)) => {
+            let ack = refuse_unavailable(e.to_string());
+            send_connack(&mut cw, &ack, version, m).await?;
+            return Ok(());
+        }
+        Err(_) => {
+            let ack = refuse_unavailable("no CONNACK in time".into());
+            send_connack(&mut cw, &ack, version, m).await?;
+            return Ok(());
+        }
+    };
+    if ack.code != 0 {
+        Refusal::Unavailable.count(m);
+        warn!(%peer, code = ack.code, "rumqttd refused a proxied CONNECT");
+        send_connack(&mut cw, &codec::ConnAck::code(ack.code), version, m).await?;
+        return Ok(());
+    }
+    if version == Version::V5 {
+        ack.properties
+            .set_u16(prop::TOPIC_ALIAS_MAX, CLIENT_TOPIC_ALIAS_MAX);
+        ack.properties.remove(prop::ASSIGNED_CLIENT_ID);
+        if admitted.assigned {
+            ack.properties
+                .set_str(prop::ASSIGNED_CLIENT_ID, &admitted.client_id);
+        }
+        let max_packet = sh.limits.max_frame_bytes + 5;
+        ack.properties.set_u32(
+            prop::MAX_PACKET_SIZE,
+            u32::try_from(max_packet).unwrap_or(u32::MAX),
+        );
+    }
+    send_connack(&mut cw, &ack, version, m).await?;
+    info!(%peer, principal = %admitted.principal, client_id = %admitted.client_id, ?version, "client connected");
+
+    // 4. Relay.
+    let (inject_tx, inject_rx) = mpsc::channel(INJECT_DEPTH);
+    let mut session = Session {
+        principal: admitted.principal,
+        version,
+        sh,
+        aliases: vec![None; usize::from(CLIENT_TOPIC_ALIAS_MAX) + 1],
+        alias_bytes: 0,
+        denial_logged: false,
+        inject: inject_tx,
+    };
+    let (result, taken_over) = tokio::select! {
+        r = session.client_to_broker(&mut client, &mut uw) => (r, false),
+        r = broker_to_client(&mut up, &mut cw, inject_rx, sh, version) => (r, false),
+        _ = takeover.superseded() => (Ok(()), true),
+    };
+    drop(session);
+    if taken_over {
+        info!(%peer, client_id = %admitted.client_id, "session taken over by a new connection");
+        if version == Version::V5 {
+            let _ = timeout(LINGER, async {
+                cw.write_all(&codec::encode_disconnect_v5(0x8e)).await?;
+                cw.flush().await
+            })
+            .await;
+        }
+    }
+    drop(client);
+    drop(cw);
+    linger(&mut up, &mut uw).await;
+    drop(takeover);
+    result
+}
+
+/// Closes the upstream the way rumqttd copes with: half-close, then wait (at most
+/// [`LINGER`]) until rumqttd has closed its side, which it does only after it queued
+/// the disconnection in its router.
+async fn linger<R, W>(up: &mut FrameReader<R>, uw: &mut W)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let _ = timeout(LINGER, async {
+        let _ = uw.shutdown().await;
+        loop {
+            up.buf.clear();
+            match up.fill().await {
+                Ok(true) => continue,
+                Ok(false) | Err(_) => return,
+            }
+        }
+    })
+    .await;
+}
+
+/// Frames the client side asks the broker side to write to the client.
+enum Inject {
+    Frame(BytesMut),
+    /// Write this (if any), flush and end the connection.
+    Close(Option<BytesMut>),
+}
+
+struct Session<'a> {
+    principal: String,
+    version: Version,
+    sh: &'a ProxyShared,
+    /// Client topic aliases (v5), as forwarded to rumqttd.
+    aliases: Vec<Option<String>>,
+    alias_bytes: usize,
+    denial_logged: bool,
+    inject: mpsc::Sender<Inject>,
+}
+
+impl Session<'_> {
+    async fn client_to_broker<R, W>(
+        &mut self,
+        client: &mut FrameReader<R>,
+        uw: &mut W,
+    ) -> Result<(), ConnError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        match self.relay(client, uw).await {
+            Ok(()) => {
+                uw.flush().await?;
+                Ok(())
+            }
+            Err(e) => {
+                let reason = match self.version {
+                    Version::V5 => e.disconnect_reason(),
+                    Version::V4 => None,
+                };
+                let Some(reason) = reason else {
+                    return Err(e);
+                };
+                // Let the broker-side task write the DISCONNECT and end the connection.
+                if e.is_protocol_error() {
+                    Metrics::inc(&self.sh.metrics.protocol_errors);
+                }
+                info!(principal = %self.principal, error = %e, reason, "closing connection");
+                let frame = codec::encode_disconnect_v5(reason);
+                if self.inject.send(Inject::Close(Some(frame))).await.is_ok() {
+                    // The other task ends the connection once the frame is out.
+                    tokio::time::sleep(WRITE_STALL).await;
+                }
+                // Already counted and logged.
+                Ok(())
+            }
+        }
+    }
+
+    async fn relay<R, W>(
+        &mut self,
+        client: &mut FrameReader<R>,
+        uw: &mut W,
+    ) -> Result<(), ConnError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let m = &self.sh.metrics;
+        loop {
+            let Some(h) = client.header()? else {
+                uw.flush().await?;
+                if !client.fill().await? {
+                    return if client.buf.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(ConnError::Eof)
+                    };
+                }
+                continue;
+            };
+            codec::check_client_flags(&h, self.version)?;
+            if h.remaining > self.sh.limits.max_frame_bytes {
+                return Err(ConnError::FrameTooLarge(h.remaining));
+            }
+            Metrics::inc(&m.frames_in);
+            Metrics::add(&m.bytes_in, h.frame_len() as u64);
+            match h.kind() {
+                codec::PUBLISH => self.publish(h, client, uw).await?,
+                codec::SUBSCRIBE => self.subscribe(h, client, uw).await?,
+                codec::CONNECT => return Err(ConnError::Protocol("second CONNECT")),
+                codec::AUTH => {
+                    return Err(ConnError::Protocol("AUTH without an authentication method"));
+                }
+                codec::DISCONNECT => {
+                    client.forward(h.frame_len(), uw).await?;
+                    uw.flush().await?;
+                    // Do not close the upstream: let rumqttd close it. If rumqttd's link
+                    // saw our EOF before its router handled the DISCONNECT, it would
+                    // report the disconnection twice, and the second report can hit a
+                    // new connection that reused the slot (connection ids are slab
+                    // indices): that kills innocent connections, even the node link.
+                    tokio::time::sleep(DISCONNECT_GRACE).await;
+                    return Ok(());
+                }
+                _ => client.forward(h.frame_len(), uw).await?,
+            }
+        }
+    }
+
+    async fn publish<R, W>(
+        &mut self,
+        h: FixedHeader,
+        client: &mut FrameReader<R>,
+        uw: &mut W,
+    ) -> Result<(), ConnError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let inspect = h.remaining.min(INSPECT_CAP);
+        client.ensure(h.header_len + inspect).await?;
+        let body = &client.buf[h.header_len..h.header_len + inspect];
+        let ph = match codec::parse_publish(h.flags(), body, self.version) {
+            Ok(p) => p,
+            Err(CodecError::Truncated) if inspect < h.remaining => {
+                return Err(ConnError::HeaderTooLarge);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let payload = h.remaining - ph.header_len;
+        if payload > self.sh.limits.max_payload_bytes {
+            return Err(ConnError::PayloadTooLarge(payload));
+        }
+        let (topic, new_alias) = match ph.topic_alias {
+            None => (ph.topic, None),
+            Some(a) if a > CLIENT_TOPIC_ALIAS_MAX => return Err(ConnError::AliasInvalid(a)),
+            Some(a) if ph.topic.is_empty() => match &self.aliases[usize::from(a)] {
+                Some(t) => (t.clone(), None),
+                None => return Err(ConnError::Protocol("unknown topic alias")),
+            },
+            Some(a) => (ph.topic, Some(a)),
+        };
+        if acl::may_publish(&self.principal, &topic) {
+            if let Some(a) = new_alias {
+                // Recorded only for forwarded packets, so this table and rumqttd's agree.
+                let old = self.aliases[usize::from(a)].as_ref().map_or(0, String::len);
+                let bytes = self.alias_bytes - old + topic.len();
+                if bytes > ALIAS_BYTES_MAX {
+                    return Err(ConnError::AliasQuota);
+                }
+                self.alias_bytes = bytes;
+                self.aliases[usize::from(a)] = Some(topic);
+            }
+            return client.forward(h.frame_len(), uw).await;
+        }
+        Metrics::inc(&self.sh.metrics.acl_denied_publish);
+        client.skip(h.frame_len()).await?;
+        if self.version == Version::V4 && ph.qos > 0 {
+            // MQTT 3.1.1 has no negative PUBACK: the server acks or closes (§3.3.5).
+            warn!(principal = %self.principal, %topic, "PUBLISH denied by ACL; closing MQTT 3.1.1 connection");
+            return Err(ConnError::Denied(topic));
+        }
+        if self.denial_logged {
+            debug!(principal = %self.principal, %topic, "PUBLISH denied by ACL");
+        } else {
+            self.denial_logged = true;
+            warn!(principal = %self.principal, %topic, "PUBLISH denied by ACL (further denials on this connection log at debug)");
+        }
+        let ack = match (ph.qos, ph.pkid) {
+            (1, Some(pkid)) => Some(codec::encode_ack_v5(codec::PUBACK, pkid, 0x87)),
+            (2, Some(pkid)) => Some(codec::encode_ack_v5(codec::PUBREC, pkid, 0x87)),
+            _ => None,
+        };
+        if let Some(ack) = ack {
+            self.inject(ack).await?;
+        }
+        Ok(())
+    }
+
+    async fn subscribe<R, W>(
+        &mut self,
+        h: FixedHeader,
+        client: &mut FrameReader<R>,
+        uw: &mut W,
+    ) -> Result<(), ConnError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if h.remaining > SUBSCRIBE_CAP {
+            return Err(ConnError::FrameTooLarge(h.remaining));
+        }
+        client.ensure(h.frame_len()).await?;
+        let sub = codec::parse_subscribe(&client.buf[h.header_len..h.frame_len()], self.version)?;
+        let denied: Vec<&String> = sub
+            .filters
+            .iter()
+            .filter(|f| !acl::may_subscribe(&self.principal, f))
+            .collect();
+        // rumqttd disconnects a client that subscribes to a `$` filter other than
+        // `$share/...` (router `validate_subscription`): answer it ourselves instead.
+        let unsupported = sub
+            .filters
+            .iter()
+            .any(|f| f.starts_with('$') && !f.starts_with("$share/"));
+        if denied.is_empty() && !unsupported {
+            return client.forward(h.frame_len(), uw).await;
+        }
+        let code = if denied.is_empty() {
+            debug!(principal = %self.principal, filters = ?sub.filters, "SUBSCRIBE to a `$` filter rumqttd cannot serve");
+            match self.version {
+                Version::V4 => 0x80,
+                Version::V5 => 0x8f,
+            }
+        } else {
+            Metrics::add(&self.sh.metrics.acl_denied_subscribe, denied.len() as u64);
+            warn!(principal = %self.principal, filters = ?denied, "SUBSCRIBE denied by ACL");
+            match self.version {
+                Version::V4 => 0x80,
+                Version::V5 => 0x87,
+            }
+        };
+        let codes = vec![code; sub.filters.len()];
+        client.skip(h.frame_len()).await?;
+        self.inject(codec::encode_suback(sub.pkid, &codes, self.version))
+            .await
+    }
+
+    async fn inject(&self, frame: BytesMut) -> Result<(), ConnError> {
+        self.inject
+            .send(Inject::Frame(frame))
+            .await
+            .map_err(|_| ConnError::Eof)
+    }
+}
+
+async fn write_client<W: AsyncWrite + Unpin>(
+    cw: &mut W,
+    bytes: &[u8],
+    m: &Metrics,
+) -> Result<(), ConnError> {
+    Metrics::inc(&m.frames_out);
+    Metrics::add(&m.bytes_out, bytes.len() as u64);
+    timeout(WRITE_STALL, cw.write_all(bytes))
+        .await
+        .map_err(|_| ConnError::Stalled)??;
+    Ok(())
+}
+
+async fn broker_to_client<R, W>(
+    up: &mut FrameReader<R>,
+    cw: &mut W,
+    mut inject: mpsc::Receiver<Inject>,
+    sh: &ProxyShared,
+    version: Version,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let m = &sh.metrics;
+    loop {
+        // The proxy's own frames go out between broker frames, never inside one.
+        while let Ok(i) = inject.try_recv() {
+            match i {
+                Inject::Frame(f) => write_client(cw, &f, m).await?,
+                Inject::Close(f) => {
+                    if let Some(f) = f {
+                        write_client(cw, &f, m).await?;
+                    }
+                    let _ = timeout(WRITE_STALL, cw.flush()).await;
+                    return Ok(());
+                }
+            }
+        }
+        let Some(h) = up.header()? else {
+            timeout(WRITE_STALL, cw.flush())
+                .await
+                .map_err(|_| ConnError::Stalled)??;
+            tokio::select! {
+                i = inject.recv() => match i {
+                    Some(Inject::Frame(f)) => write_client(cw, &f, m).await?,
+                    Some(Inject::Close(f)) => {
+                        if let Some(f) = f {
+                            write_client(cw, &f, m).await?;
+                        }
+                        let _ = timeout(WRITE_STALL, cw.flush()).await;
+                        return Ok(());
+                    }
+                    None => return Ok(()),
+                },
+                more = up.fill() => {
+                    if !more? {
+                        let _ = timeout(WRITE_STALL, cw.flush()).await;
+                        return Ok(());
+                    }
+                }
+            }
+            continue;
+        };
+        codec::check_server_flags(&h)?;
+        if version == Version::V5 && h.kind() == codec::PUBLISH && sh.defences.refuse_server_aliases
+        {
+            let inspect = h.remaining.min(INSPECT_CAP);
+            up.ensure(h.header_len + inspect).await?;
+            let (topic, props) = codec::publish_properties(
+                h.flags(),
+                &up.buf[h.header_len..h.header_len + inspect],
+            )?;
+            if props.get(prop::TOPIC_ALIAS).is_some() {
+                tracing::error!(%topic, "rumqttd sent a server topic alias; closing the connection");
+                return Err(ConnError::ServerAlias);
+            }
+        }
+        Metrics::inc(&m.frames_out);
+        Metrics::add(&m.bytes_out, h.frame_len() as u64);
+        timeout(WRITE_STALL, up.forward(h.frame_len(), cw))
+            .await
+            .map_err(|_| ConnError::Stalled)??;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_have_nodelay() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move { TcpStream::connect(addr).await.unwrap() });
+        let (server_side, _) = accept(&listener).await.unwrap();
+        assert!(
+            server_side.nodelay().unwrap(),
+            "accepted socket must have TCP_NODELAY"
+        );
+        drop(client.await.unwrap());
+    }
+}

@@ -1,0 +1,244 @@
+//! Broker settings and the limits derived from the memory budget.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rumqttd::{RouterConfig, SegmentConfig};
+
+use crate::error::BrokerError;
+
+/// Settings of the embedded broker (built by the node from its `[mqtt]` config).
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    /// Public MQTT 3.1.1 listener. (Each public listener accepts both MQTT 3.1.1 and 5.)
+    pub listen_v4: SocketAddr,
+    /// Optional public MQTT 5 listener.
+    pub listen_v5: Option<SocketAddr>,
+    /// Whether clients without credentials may connect (their principal is their client id).
+    pub anonymous: bool,
+    /// Credentials file written by `CredentialStore::add`; `None`: nobody can log in.
+    pub credentials_path: Option<PathBuf>,
+    /// Maximum concurrent client connections (further capped by the memory budget).
+    pub max_connections: usize,
+    /// Maximum PUBLISH payload in bytes; larger publishes close the connection.
+    pub max_payload_bytes: usize,
+    /// Memory budget of the broker (see [`BrokerLimits`] for what derives from it).
+    pub memory_budget_bytes: u64,
+    /// Time a client has to send its CONNECT after the TCP connection opens.
+    pub connect_timeout: Duration,
+    /// Depth of the inbound (to the node) and outbound (from the node) queues.
+    pub queue_depth: usize,
+}
+
+impl Default for BrokerSettings {
+    /// The node's defaults: loopback listeners on 1883/1884, anonymous allowed, no
+    /// credentials file.
+    fn default() -> Self {
+        Self {
+            listen_v4: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            listen_v5: Some(SocketAddr::from(([127, 0, 0, 1], 1884))),
+            anonymous: true,
+            credentials_path: None,
+            max_connections: 10_000,
+            max_payload_bytes: 256 * 1024,
+            memory_budget_bytes: 256 * 1024 * 1024,
+            connect_timeout: Duration::from_secs(5),
+            queue_depth: 1024,
+        }
+    }
+}
+
+/// Smallest accepted memory budget.
+pub const MIN_MEMORY_BUDGET: u64 = 8 * 1024 * 1024;
+/// Estimated memory of one client connection: rumqttd's per-connection buffers (two
+/// 200-slot queues, network buffers, router state) plus the proxy's (two streaming
+/// read buffers and two write buffers of 8 KiB).
+pub const PER_CONNECTION_BYTES: u64 = 64 * 1024;
+/// Router connection slots kept beyond the client limit: the node's link, watchdog probes.
+/// The proxy admits at most `max_connections` clients, so rumqttd's router never has to
+/// refuse a connection after CONNECT (which is what leaves the stale will sender behind
+/// that later panics rumqttd's listener).
+pub const INTERNAL_SLOTS: usize = 16;
+/// Segments per commit log (rumqttd keeps this many full segments plus the active one).
+pub const SEGMENT_COUNT: usize = 4;
+/// Bytes allowed in a frame besides the PUBLISH payload (topic, properties, …).
+pub const FRAME_OVERHEAD: usize = 64 * 1024;
+/// Smallest and largest segment for ordinary filters.
+const SEGMENT_MIN: u64 = 16 * 1024;
+const SEGMENT_MAX: u64 = 4 * 1024 * 1024;
+
+/// The limits derived from [`BrokerSettings`].
+///
+/// With `B = memory_budget_bytes`, `C = max_connections`, `M = max_payload_bytes`:
+///
+/// * **connections**: half the budget pays for connections at
+///   [`PER_CONNECTION_BYTES`] each: `connections = min(C, (B/2) / 64 KiB)`
+///   (256 MiB → 2048). rumqttd's router gets `connections + INTERNAL_SLOTS` slots.
+/// * **commit logs**: rumqttd keeps one in-memory log per distinct subscription filter,
+///   of `SEGMENT_COUNT + 1` segments (older segments are dropped, and the data with them,
+///   when a lagging subscriber falls behind: that is how a QoS 0 flood is bounded). The
+///   other half of the budget pays for them:
+///   * the node's two link filters (`fedmesh/v1/agent/+/+`, `fedmesh/v1/client/+/+`,
+///     which carry all principal traffic) get `B/8` each:
+///     `node_segment = (B/8) / (SEGMENT_COUNT + 1)`;
+///   * every other filter gets `segment = clamp((B/4) / 64 / (SEGMENT_COUNT + 1),
+///     16 KiB, 4 MiB)`, so 64 fully backed-up filters fit in the last quarter;
+///     a log holds `5 × segment` (plus one message of overflow).
+/// * **QoS 0 batch**: `max_outgoing_packet_count = clamp(B / (connections × 4 KiB), 16,
+///   200)`: messages the router hands a connection per pass.
+/// * **frames**: a PUBLISH payload is at most `M`; any frame at most `M + 64 KiB`.
+///
+/// What the budget cannot bound: rumqttd creates a log per distinct filter (and, with
+/// dynamic filters, per distinct topic published with no matching filter) and never
+/// frees one; retained messages and the per-client-id "graveyard" also grow with use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerLimits {
+    /// Client connections the proxy admits.
+    pub max_connections: usize,
+    /// Largest PUBLISH payload accepted from a client.
+    pub max_payload_bytes: usize,
+    /// Largest frame (remaining length) accepted from a client.
+    pub max_frame_bytes: usize,
+    /// rumqttd `max_connections`.
+    pub router_max_connections: usize,
+    /// rumqttd `max_segment_size` for ordinary filters.
+    pub segment_bytes: usize,
+    /// rumqttd `max_segment_count`.
+    pub segment_count: usize,
+    /// rumqttd segment size of the node's two link filters.
+    pub node_segment_bytes: usize,
+    /// rumqttd `max_outgoing_packet_count`.
+    pub max_outgoing_packet_count: u64,
+}
+
+/// The node link's subscriptions.
+pub(crate) const LINK_FILTERS: [&str; 2] = ["fedmesh/v1/agent/+/+", "fedmesh/v1/client/+/+"];
+
+impl BrokerLimits {
+    /// Derives the limits (see the type docs for the formula).
+    pub fn from_settings(s: &BrokerSettings) -> Result<Self, BrokerError> {
+        let invalid = |field, reason: String| BrokerError::InvalidSetting { field, reason };
+        if s.memory_budget_bytes < MIN_MEMORY_BUDGET {
+            return Err(invalid(
+                "memory_budget_bytes",
+                format!(
+                    "{} is below the minimum of {MIN_MEMORY_BUDGET}",
+                    s.memory_budget_bytes
+                ),
+            ));
+        }
+        if s.max_connections == 0 {
+            return Err(invalid("max_connections", "must be at least 1".into()));
+        }
+        let max_payload_limit = crate::codec::MAX_REMAINING - FRAME_OVERHEAD;
+        if s.max_payload_bytes == 0 || s.max_payload_bytes > max_payload_limit {
+            return Err(invalid(
+                "max_payload_bytes",
+                format!("must be between 1 and {max_payload_limit}"),
+            ));
+        }
+        if s.queue_depth == 0 {
+            return Err(invalid("queue_depth", "must be at least 1".into()));
+        }
+        if s.connect_timeout.is_zero() {
+            return Err(invalid("connect_timeout", "must be positive".into()));
+        }
+        let b = s.memory_budget_bytes;
+        let by_budget = usize::try_from((b / 2) / PER_CONNECTION_BYTES).unwrap_or(usize::MAX);
+        let max_connections = s.max_connections.min(by_budget).max(1);
+        let segs = SEGMENT_COUNT as u64 + 1;
+        let node_segment = (b / 8) / segs;
+        let segment = ((b / 4) / 64 / segs).clamp(SEGMENT_MIN, SEGMENT_MAX);
+        let per_pass = b / (max_connections as u64 * 4096);
+        Ok(Self {
+            max_connections,
+            max_payload_bytes: s.max_payload_bytes,
+            max_frame_bytes: s.max_payload_bytes + FRAME_OVERHEAD,
+            router_max_connections: max_connections + INTERNAL_SLOTS,
+            segment_bytes: usize::try_from(segment).unwrap_or(usize::MAX),
+            segment_count: SEGMENT_COUNT,
+            node_segment_bytes: usize::try_from(node_segment).unwrap_or(usize::MAX),
+            max_outgoing_packet_count: per_pass.clamp(16, 200),
+        })
+    }
+
+    /// The rumqttd router configuration.
+    pub(crate) fn router_config(&self) -> RouterConfig {
+        let node = SegmentConfig {
+            max_segment_size: self.node_segment_bytes,
+            max_segment_count: self.segment_count,
+        };
+        RouterConfig {
+            max_connections: self.router_max_connections,
+            max_outgoing_packet_count: self.max_outgoing_packet_count,
+            max_segment_size: self.segment_bytes,
+            max_segment_count: self.segment_count,
+            custom_segment: Some(
+                LINK_FILTERS
+                    .iter()
+                    .map(|f| (f.to_string(), node.clone()))
+                    .collect::<HashMap<_, _>>(),
+            ),
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_derive_sane_limits() {
+        let l = BrokerLimits::from_settings(&BrokerSettings::default()).unwrap();
+        assert_eq!(l.max_connections, 2048);
+        assert_eq!(l.router_max_connections, 2048 + INTERNAL_SLOTS);
+        assert_eq!(l.segment_count, 4);
+        assert!(l.segment_bytes >= 16 * 1024 && l.segment_bytes <= 4 * 1024 * 1024);
+        assert_eq!(l.node_segment_bytes, (256 << 20) / 8 / 5);
+        assert!((16..=200).contains(&l.max_outgoing_packet_count));
+        assert_eq!(l.max_frame_bytes, 256 * 1024 + FRAME_OVERHEAD);
+        let rc = l.router_config();
+        assert!(rc.max_segment_size >= 1024, "rumqttd panics below 1 KiB");
+        assert!(rc.max_segment_count >= 1, "rumqttd panics at 0");
+        // Commit logs stay within half the budget: two node logs plus 64 ordinary ones.
+        let logs = 2 * 5 * l.node_segment_bytes as u64 + 64 * 5 * l.segment_bytes as u64;
+        assert!(logs <= (256 << 20) / 2 + 1024, "{logs}");
+    }
+
+    #[test]
+    fn small_budget_and_bad_values() {
+        let s = BrokerSettings {
+            memory_budget_bytes: MIN_MEMORY_BUDGET,
+            max_connections: 5,
+            ..BrokerSettings::default()
+        };
+        let l = BrokerLimits::from_settings(&s).unwrap();
+        assert_eq!(l.max_connections, 5);
+        assert_eq!(l.segment_bytes, 16 * 1024);
+        for bad in [
+            BrokerSettings {
+                memory_budget_bytes: 1024,
+                ..BrokerSettings::default()
+            },
+            BrokerSettings {
+                max_connections: 0,
+                ..BrokerSettings::default()
+            },
+            BrokerSettings {
+                max_payload_bytes: 0,
+                ..BrokerSettings::default()
+            },
+            BrokerSettings {
+                queue_depth: 0,
+                ..BrokerSettings::default()
+            },
+        ] {
+            assert!(BrokerLimits::from_settings(&bad).is_err());
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! Tests that need the crate's internals: the defects the defences prevent, shown with
+//! the defences off, and the watchdog recovering a listener rumqttd itself broke.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::QoS as Q5;
+use rumqttc::v5::mqttbytes::v5::Packet as P5;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+use crate::codec::Version;
+use crate::proxy::Defences;
+use crate::{Broker, BrokerSettings, Health};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn settings() -> BrokerSettings {
+    BrokerSettings {
+        listen_v4: "127.0.0.1:0".parse().unwrap(),
+        listen_v5: Some("127.0.0.1:0".parse().unwrap()),
+        anonymous: true,
+        credentials_path: None,
+        max_connections: 32,
+        max_payload_bytes: 64 * 1024,
+        memory_budget_bytes: 16 * 1024 * 1024,
+        connect_timeout: Duration::from_secs(2),
+        queue_depth: 64,
+    }
+}
+
+fn client(o: MqttOptions) -> (AsyncClient, mpsc::Receiver<Option<P5>>) {
+    let (client, mut el) = AsyncClient::new(o, 64);
+    let (tx, rx) = mpsc::channel(1024);
+    tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(p)) => {
+                    if tx.send(Some(p)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = tx.send(None).await;
+                    return;
+                }
+            }
+        }
+    });
+    (client, rx)
+}
+
+async fn next<T>(
+    rx: &mut mpsc::Receiver<Option<P5>>,
+    mut f: impl FnMut(P5) -> Option<T>,
+) -> Option<T> {
+    loop {
+        match timeout(WAIT, rx.recv()).await.ok()?? {
+            Some(p) => {
+                if let Some(t) = f(p) {
+                    return Some(t);
+                }
+            }
+            None => return None,
+        }
+    }
+}
+
+/// (topic received, topic published) pairs of the alias scenario; stops early if the
+/// subscriber's connection closes.
+async fn alias_scenario(addr: SocketAddr) -> Vec<(String, String)> {
+    let mut o = MqttOptions::new("alias-sub", addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(5));
+    o.set_topic_alias_max(Some(10));
+    let (sub, mut rx) = client(o);
+    next(&mut rx, |p| matches!(p, P5::ConnAck(_)).then_some(()))
+        .await
+        .unwrap();
+    sub.subscribe("t/+", Q5::AtLeastOnce).await.unwrap();
+    next(&mut rx, |p| matches!(p, P5::SubAck(_)).then_some(()))
+        .await
+        .unwrap();
+    let mut o = MqttOptions::new("alias-pub", addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(5));
+    let (publ, mut prx) = client(o);
+    next(&mut prx, |p| matches!(p, P5::ConnAck(_)).then_some(()))
+        .await
+        .unwrap();
+    for t in ["t/a", "t/b", "t/a", "t/b"] {
+        publ.publish(t, Q5::AtLeastOnce, false, t.as_bytes().to_vec())
+            .await
+            .unwrap();
+        next(&mut prx, |p| matches!(p, P5::PubAck(_)).then_some(()))
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let Some(p) = next(&mut rx, |p| match p {
+            P5::Publish(p) => Some(p),
+            _ => None,
+        })
+        .await
+        else {
+            break;
+        };
+        got.push((
+            String::from_utf8_lossy(&p.topic).into_owned(),
+            String::from_utf8_lossy(&p.payload).into_owned(),
+        ));
+    }
+    got
+}
+
+/// Without the defence, rumqttd's filter-keyed server aliases deliver a `t/b` message
+/// under `t/a`: this is what `tests/inbound.rs` guards against.
+#[tokio::test]
+async fn alias_regression_test_fails_without_the_defence() {
+    let off = Defences {
+        strip_topic_alias_max: false,
+        refuse_server_aliases: false,
+    };
+    let (broker, _inbound) = Broker::start_with(settings(), off).unwrap();
+    let got = alias_scenario(broker.local_addr_v5().unwrap()).await;
+    assert_eq!(got.len(), 4);
+    assert!(
+        got.iter().any(|(topic, published)| topic != published),
+        "expected rumqttd's alias defect to mislabel a message: {got:?}"
+    );
+    broker.shutdown().await;
+
+    // The second line of defence alone: the proxy closes the connection rather than
+    // relay an aliased publish, so nothing is ever mislabelled.
+    let second = Defences {
+        strip_topic_alias_max: false,
+        refuse_server_aliases: true,
+    };
+    let (broker, _inbound) = Broker::start_with(settings(), second).unwrap();
+    let got = alias_scenario(broker.local_addr_v5().unwrap()).await;
+    assert!(
+        got.len() < 4,
+        "the aliased publish must not be relayed: {got:?}"
+    );
+    assert!(
+        got.iter().all(|(topic, published)| topic == published),
+        "{got:?}"
+    );
+    broker.shutdown().await;
+}
+
+/// Break a rumqttd listener for real (the NOTES reproduction, sent straight to the
+/// internal listener: client id `a/b` twice poisons its mutex), then watch the watchdog
+/// notice, replace it and report it.
+#[tokio::test]
+async fn watchdog_replaces_a_poisoned_listener() {
+    let (broker, _inbound) = Broker::start(settings()).unwrap();
+    let internal = broker.internal.clone();
+    let old = internal.endpoints.borrow().get(Version::V4).addr;
+    let auth = internal.cfg.auth.clone();
+    let connect = auth.connect(Version::V4, "a/b").encode();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(old).await.unwrap();
+        s.write_all(&connect).await.unwrap();
+        let mut buf = [0u8; 16];
+        // rumqttd closes without a CONNACK.
+        let n = timeout(WAIT, s.read(&mut buf)).await.unwrap().unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+    // The listener is now dead for everyone.
+    let probe = crate::internal::probe(old, Version::V4, &auth, "check", Duration::from_secs(1));
+    assert!(probe.is_err(), "rumqttd's listener should be poisoned");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while broker.metrics().listener_restarts == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = broker.metrics();
+    assert!(m.listener_restarts >= 1, "{m:?}");
+    assert!(m.watchdog_failures >= 2, "{m:?}");
+    let new = internal.endpoints.borrow().get(Version::V4).addr;
+    assert_ne!(new, old);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while broker.health() != Health::Healthy && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(broker.health(), Health::Healthy);
+
+    // Clients are served again through the proxy.
+    let addr = broker.local_addr_v4();
+    let mut o = rumqttc::MqttOptions::new("after-recovery", addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(5));
+    let (c, mut el) = rumqttc::AsyncClient::new(o, 16);
+    c.subscribe("r/x", rumqttc::QoS::AtLeastOnce).await.unwrap();
+    c.publish("r/x", rumqttc::QoS::AtLeastOnce, false, "ok")
+        .await
+        .unwrap();
+    let got = timeout(WAIT, async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = el.poll().await.unwrap()
+            {
+                return p;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(&got.payload[..], b"ok");
+    broker.shutdown().await;
+}
