@@ -152,12 +152,14 @@ fn could_match_foreign(p: &str, filter: &str) -> bool {
     false
 }
 
+/// The op of the topic the node delivers to a principal on: `fedmesh/v1/{agent|client}/P/inbox`.
+pub const INBOX_OP: &str = "inbox";
+
 /// Whether the node itself may publish on `topic`.
 ///
 /// The node must never publish on a principal topic `fedmesh/v1/{agent|client}/X/op`
-/// (exactly one level below the name): those are the topics its own link subscribes to
-/// and whose publisher the node infers from the topic. Messages for a principal go one
-/// level deeper (`fedmesh/v1/agent/X/inbox/...`) or under `fedmesh/v1/public/`.
+/// (exactly one level below the name) other than [`INBOX_OP`]: those are the topics its own
+/// link subscribes to and whose publisher the node infers from the topic.
 pub fn node_may_publish(topic: &str) -> Result<(), &'static str> {
     if topic.is_empty() {
         return Err("empty topic");
@@ -170,7 +172,10 @@ pub fn node_may_publish(topic: &str) -> Result<(), &'static str> {
     }
     if let Some(rest) = topic.strip_prefix(NAMESPACE) {
         let levels: Vec<&str> = rest.split('/').collect();
-        if levels.len() == 3 && Role::parse(levels[0]).is_some() {
+        // `inbox` is the one principal topic the node writes: the node reads every other op
+        // of the principal and ignores `inbox`, so nothing it publishes there can be taken
+        // for a message from the principal.
+        if levels.len() == 3 && Role::parse(levels[0]).is_some() && levels[2] != INBOX_OP {
             return Err("principal topics fedmesh/v1/{agent|client}/NAME/OP are reserved to NAME");
         }
     }
@@ -292,6 +297,8 @@ mod tests {
     #[test]
     fn node_publish_rules() {
         assert!(node_may_publish("fedmesh/v1/agent/A/inbox/tasks").is_ok());
+        assert!(node_may_publish("fedmesh/v1/agent/A/inbox").is_ok());
+        assert!(node_may_publish("fedmesh/v1/client/A/inbox").is_ok());
         assert!(node_may_publish("fedmesh/v1/public/status").is_ok());
         assert!(node_may_publish("$a2a/v1/discovery/A/card").is_ok());
         assert!(node_may_publish("fedmesh/v1/agent/A/result").is_err());

@@ -25,7 +25,18 @@
 //!   and SUBSCRIBE filters against the ACL) and forwarded unchanged, payloads streaming
 //!   through; broker frames are delimited so the proxy can insert its own acks;
 //! * connections beyond `max_connections` are refused by the proxy (rumqttd's router
-//!   has spare slots, so it never refuses after CONNECT).
+//!   has spare slots, so it never refuses after CONNECT);
+//! * closing is done the way rumqttd copes with. rumqttd reuses router slots at once and
+//!   may report a disconnection twice (its router handled a DISCONNECT or a takeover
+//!   while its link also saw the socket close); the stale second report then kills
+//!   whatever connection took the slot (measured: new connections died before their
+//!   CONNACK, and the node link died). So after a client's DISCONNECT the proxy lets
+//!   rumqttd close the upstream; otherwise it half-closes and waits for rumqttd to close;
+//!   a second connection with a client id first makes the proxy close the old one and
+//!   wait for that (session takeover done by the proxy); and the node link takes slot 0
+//!   before anything else connects;
+//! * `$` filters other than `$share/…` (which make rumqttd disconnect the client) and
+//!   v5 PUBLISHes carrying a subscription identifier are answered by the proxy.
 //!
 //! A watchdog probes the internal listeners every second and replaces a
 //! dead one on the same router; the node talks to rumqttd through an in-process link

@@ -703,7 +703,7 @@ async fn connection(
         );
     }
     send_connack(&mut cw, &ack, version, m).await?;
-    info!(%peer, principal = %admitted.principal, client_id = %admitted.client_id, ?version, "client connected");
+    debug!(%peer, principal = %admitted.principal, client_id = %admitted.client_id, ?version, "client connected");
 
     // 4. Relay.
     let (inject_tx, inject_rx) = mpsc::channel(INJECT_DEPTH);

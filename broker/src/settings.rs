@@ -74,7 +74,7 @@ const SEGMENT_MAX: u64 = 4 * 1024 * 1024;
 /// With `B = memory_budget_bytes`, `C = max_connections`, `M = max_payload_bytes`:
 ///
 /// * **connections**: half the budget pays for connections at
-///   [`PER_CONNECTION_BYTES`] each: `connections = min(C, (B/2) / 64 KiB)`
+///   `PER_CONNECTION_BYTES` (64 KiB) each: `connections = min(C, (B/2) / 64 KiB)`
 ///   (256 MiB → 2048). rumqttd's router gets `connections + INTERNAL_SLOTS` slots.
 /// * **commit logs**: rumqttd keeps one in-memory log per distinct subscription filter,
 ///   of `SEGMENT_COUNT + 1` segments (older segments are dropped, and the data with them,

@@ -310,6 +310,16 @@ async fn agent_cannot_listen_as_another() {
             .await;
         assert_eq!(codes, vec![SubscribeReasonCode::Failure], "{f}");
     }
+    // `$` filters other than `$share/...` make rumqttd disconnect the client; the proxy
+    // answers them itself and the connection stays up.
+    b.client.subscribe("$SYS/#", QoS::AtMostOnce).await.unwrap();
+    let codes = b
+        .next_incoming(|p| match p {
+            Packet::SubAck(s) => Some(s.return_codes.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(codes, vec![SubscribeReasonCode::Failure]);
     // Mixed packet: all refused, none forwarded.
     b.client
         .subscribe_many([
@@ -325,6 +335,18 @@ async fn agent_cannot_listen_as_another() {
         })
         .await;
     assert_eq!(codes, vec![SubscribeReasonCode::Failure; 2]);
+    // Still connected: its own namespace works.
+    b.client
+        .subscribe("fedmesh/v1/agent/B/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let codes = b
+        .next_incoming(|p| match p {
+            Packet::SubAck(s) => Some(s.return_codes.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(codes, vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
 
     // B over v5 gets "not authorized".
     let mut b5 = v5::client(v5::options(
