@@ -38,9 +38,13 @@
 //! * `$` filters other than `$share/…` (which make rumqttd disconnect the client) and
 //!   v5 PUBLISHes carrying a subscription identifier are answered by the proxy.
 //!
-//! A watchdog probes the internal listeners every second and replaces a
-//! dead one on the same router; the node talks to rumqttd through an in-process link
-//! ([`link`]) that no listener failure affects.
+//! Both public listeners accept MQTT 3.1.1 and 5 (routed by the CONNECT's protocol
+//! level). A watchdog probes the internal listeners every second and replaces a dead
+//! one on the same router, keeping every session (reported in [`Health`] and the
+//! `listener_restarts` metric); the node talks to rumqttd through an in-process link
+//! ([`link`]) that no listener failure affects. rumqttd's router itself cannot be
+//! restarted in-process: if it dies, health is [`Health::Failed`] and the process should
+//! be restarted (nothing durable lives in rumqttd).
 //!
 //! # The ACL and what it buys
 //!

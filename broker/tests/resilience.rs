@@ -214,3 +214,37 @@ async fn rapid_reconnects_and_takeovers_with_one_client_id() {
     assert_eq!(broker.metrics().connects_refused_unavailable, 0);
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn empty_client_ids() {
+    let (broker, _inbound) = start(settings());
+    let (v4, v5) = (broker.local_addr_v4(), broker.local_addr_v5().unwrap());
+    // 3.1.1: an empty id needs a clean session.
+    let mut c = raw_connect(4, "", 30, None);
+    c[9] = 0x00;
+    let (code, _s) = raw_connack(v4, &c).await;
+    assert_eq!(code, Some(0x02));
+    let (code, _s) = raw_connack(v4, &raw_connect(4, "", 30, None)).await;
+    assert_eq!(code, Some(0));
+    // 5: the proxy assigns an id and says so in the CONNACK.
+    let mut s = TcpStream::connect(v5).await.unwrap();
+    s.write_all(&raw_connect(5, "", 30, None)).await.unwrap();
+    let mut buf = vec![0u8; 256];
+    let mut got = Vec::new();
+    while got.len() < 2 || got.len() < 2 + got[1] as usize {
+        use tokio::io::AsyncReadExt;
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "CONNACK expected");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got[3], 0, "success");
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.contains("anon-"),
+        "assigned client identifier in {got:?}"
+    );
+    broker.shutdown().await;
+}
