@@ -328,6 +328,7 @@ impl AuditLog {
         self.seq
     }
 
+    #[allow(dead_code)]
     pub fn is_empty(&self) -> bool {
         self.seq == 0
     }

@@ -1,0 +1,116 @@
+//! Prometheus metrics of the node (served at `/metrics`).
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A label with one string value.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    /// The value.
+    pub kind: String,
+}
+
+impl Kind {
+    /// A label.
+    pub fn of(kind: impl Into<String>) -> Self {
+        Self { kind: kind.into() }
+    }
+}
+
+/// Every metric the node exports.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Agents in the registry.
+    pub agents: Gauge,
+    /// Tasks by state (`kind` = state).
+    pub tasks: Family<Kind, Gauge>,
+    /// Submit → first delivery to an agent, seconds.
+    pub route_latency: Histogram,
+    /// Submit → final result, seconds.
+    pub task_latency: Histogram,
+    /// MQTT messages into the node, by op.
+    pub messages_in: Family<Kind, Counter>,
+    /// MQTT messages out of the node, by kind.
+    pub messages_out: Family<Kind, Counter>,
+    /// Errors by reason.
+    pub errors: Family<Kind, Counter>,
+    /// Messages dropped, by queue.
+    pub queue_dropped: Family<Kind, Counter>,
+    /// Broker counters, mirrored from the broker at scrape time (`kind` = counter name).
+    pub broker: Family<Kind, Gauge<u64, AtomicU64>>,
+    /// 1 when the broker's watchdog reports healthy.
+    pub broker_healthy: Gauge,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            agents: Gauge::default(),
+            tasks: Family::default(),
+            route_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 20)),
+            task_latency: Histogram::new(exponential_buckets(0.000_1, 2.0, 24)),
+            messages_in: Family::default(),
+            messages_out: Family::default(),
+            errors: Family::default(),
+            queue_dropped: Family::default(),
+            broker: Family::default(),
+            broker_healthy: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("fedmesh");
+        r.register(
+            "agents",
+            "Agents in the capability registry",
+            m.agents.clone(),
+        );
+        r.register("tasks", "Tasks held, by state", m.tasks.clone());
+        r.register(
+            "route_latency_seconds",
+            "Submit to first delivery to an agent",
+            m.route_latency.clone(),
+        );
+        r.register(
+            "task_latency_seconds",
+            "Submit to final result (end to end)",
+            m.task_latency.clone(),
+        );
+        r.register(
+            "messages_in",
+            "MQTT messages received by the node, by op",
+            m.messages_in.clone(),
+        );
+        r.register(
+            "messages_out",
+            "MQTT messages published by the node, by kind",
+            m.messages_out.clone(),
+        );
+        r.register("errors", "Errors, by reason", m.errors.clone());
+        r.register(
+            "queue_dropped",
+            "Messages dropped by a full queue, by queue",
+            m.queue_dropped.clone(),
+        );
+        r.register(
+            "broker",
+            "Embedded broker counters (connections, refusals, ACL denials, drops)",
+            m.broker.clone(),
+        );
+        r.register(
+            "broker_healthy",
+            "1 when the broker watchdog reports healthy",
+            m.broker_healthy.clone(),
+        );
+        m
+    }
+
+    /// Counts one error.
+    pub fn error(&self, reason: &str) {
+        self.errors.get_or_create(&Kind::of(reason)).inc();
+    }
+}

@@ -1,0 +1,849 @@
+//! The running node: the IO shell around the sans-IO core.
+//!
+//! One task owns all state (registry, task engine, store, audit log) and runs an event loop:
+//! it drains a batch of inbound MQTT messages (bounded), feeds them to the core, persists every
+//! resulting write with one flush (group commit), and only then publishes the effects. Timers
+//! arrive as ticks. Nothing in here blocks on a peer: publishes go into the broker's bounded
+//! queue and a full queue is counted as a drop.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use bytes::Bytes;
+use fedmesh_broker::{Broker, BrokerSettings, Inbound, Outbound, Qos, Role};
+use fedmesh_config::{Config, Embedder as EmbedderName};
+use fedmesh_embed::Embedder;
+use fedmesh_protocol::registry::{Entry, InsertError, Registry};
+use fedmesh_protocol::router::RouterParams;
+use fedmesh_protocol::task::{Output, Requester, TaskEvent, TaskParams, Tasks};
+use fedmesh_protocol::{
+    AgentId, AgentName, Embedding, Message, NodeId, NodeKey, Rejection, TaskId, TaskSpec, Vcv,
+};
+use tokio::sync::mpsc;
+
+use crate::api::{self, AgentOp, ApiError, ClientOp};
+use crate::audit::AuditLog;
+use crate::http::{self, Shared};
+use crate::metrics::{Kind, Metrics};
+use crate::store::{Store, Write};
+
+/// Most inbound messages handled in one batch (one flush).
+const MAX_BATCH: usize = 512;
+/// How often timers (deadlines, retries, expiry) are checked.
+const TICK: Duration = Duration::from_millis(50);
+/// Audit checkpoint interval.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
+/// Final, delivered tasks are kept this long before they are pruned.
+const KEEP_FINISHED_MS: u64 = 3_600_000;
+/// Bound on the follow-up rounds of one batch (effects that cause more outputs).
+const MAX_ROUNDS: usize = 4;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Starts a node and runs it until Ctrl-C.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let data_dir = cfg.data_dir();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    let key = crate::keyfile::load_or_generate(&cfg.key_path())?;
+    let store = Store::open(&data_dir)?;
+    let audit = AuditLog::open(store.db(), key.clone()).context("opening the audit log")?;
+    let embedder: Box<dyn Embedder> = match cfg.routing.embedder {
+        EmbedderName::Hash => fedmesh_embed::from_name("hash", &cfg.wordllama_dir())?,
+        EmbedderName::Wordllama => fedmesh_embed::from_name("wordllama", &cfg.wordllama_dir())
+            .context("routing.embedder = \"wordllama\"")?,
+    };
+
+    let settings = BrokerSettings {
+        listen_v4: cfg.mqtt.listen_v4_addr().context("mqtt.listen_v4")?,
+        listen_v5: cfg.mqtt.listen_v5_addr(),
+        anonymous: cfg.mqtt.anonymous_allowed(),
+        credentials_path: Some(cfg.credentials_path()),
+        max_connections: cfg.mqtt.max_connections,
+        max_payload_bytes: cfg.mqtt.max_payload_bytes,
+        memory_budget_bytes: cfg.mqtt.memory_budget_mb * 1024 * 1024,
+        connect_timeout: Duration::from_millis(cfg.mqtt.connect_timeout_ms),
+        queue_depth: cfg.limits.max_queue_depth,
+    };
+    let (broker, inbound) = Broker::start(settings).context("starting the MQTT broker")?;
+    let broker = Arc::new(broker);
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(Metrics::new(&mut registry));
+    let scrape_broker = broker.clone();
+    let scrape_metrics = metrics.clone();
+    let shared = Arc::new(Shared {
+        registry,
+        status: Mutex::new(serde_json::json!({})),
+        unhealthy: Mutex::new(None),
+        before_scrape: Box::new(move || {
+            let m = scrape_broker.metrics();
+            for (name, value) in m.iter() {
+                scrape_metrics
+                    .broker
+                    .get_or_create(&Kind::of(name))
+                    .set(value);
+            }
+            scrape_metrics.broker_healthy.set(i64::from(matches!(
+                scrape_broker.health(),
+                fedmesh_broker::Health::Healthy
+            )));
+        }),
+    });
+    let http_addr = match cfg.http.listen_addr() {
+        Some(addr) => Some(http::serve(addr, shared.clone()).await?),
+        None => None,
+    };
+
+    let mut node = Node::new(
+        cfg,
+        key,
+        store,
+        audit,
+        embedder,
+        broker.clone(),
+        metrics,
+        shared,
+    );
+    node.restore().await?;
+    eprintln!("fedmesh node {}", node.id);
+    eprintln!("  data dir   {}", data_dir.display());
+    eprintln!("  mqtt v3.1.1 {}", broker.local_addr_v4());
+    if let Some(a) = broker.local_addr_v5() {
+        eprintln!("  mqtt v5    {a}");
+    }
+    if let Some(a) = http_addr {
+        eprintln!("  http       http://{a}/status  /metrics  /healthz");
+    }
+    eprintln!("  agents: connect with any MQTT client; see docs/agent-api.md");
+    node.event_loop(inbound).await
+}
+
+/// This node's record of one of its own agents.
+#[derive(Debug, Clone)]
+struct LocalAgent {
+    version: u64,
+}
+
+struct Node {
+    id: NodeId,
+    key: NodeKey,
+    cfg: Config,
+    registry: Registry,
+    tasks: Tasks,
+    local: HashMap<AgentName, LocalAgent>,
+    store: Store,
+    audit: AuditLog,
+    embedder: Box<dyn Embedder>,
+    broker: Arc<Broker>,
+    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
+    submitted_at: HashMap<TaskId, Instant>,
+    pending: Vec<Output>,
+    last_checkpoint: Instant,
+    data_dir: PathBuf,
+    /// Something changed since `/status` was last refreshed (refreshed at most once a tick).
+    dirty: bool,
+}
+
+impl Node {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        cfg: Config,
+        key: NodeKey,
+        store: Store,
+        audit: AuditLog,
+        embedder: Box<dyn Embedder>,
+        broker: Arc<Broker>,
+        metrics: Arc<Metrics>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        let id = key.node_id();
+        let params = TaskParams {
+            router: RouterParams {
+                threshold: cfg.routing.threshold as f32,
+                top_k: cfg.routing.top_k,
+                load_weight: cfg.routing.load_weight as f32,
+            },
+            max_attempts: cfg.routing.max_attempts,
+            attempt_timeout_ms: cfg.routing.attempt_timeout_ms,
+            max_live_tasks: cfg.limits.max_inflight_tasks,
+        };
+        Self {
+            id,
+            registry: Registry::new(cfg.limits.max_agents_per_node),
+            tasks: Tasks::new(id, params),
+            local: HashMap::new(),
+            data_dir: cfg.data_dir(),
+            cfg,
+            key,
+            store,
+            audit,
+            embedder,
+            broker,
+            metrics,
+            shared,
+            submitted_at: HashMap::new(),
+            pending: Vec::new(),
+            last_checkpoint: Instant::now(),
+            dirty: true,
+        }
+    }
+
+    /// Reloads this node's agents and tasks after a (re)start.
+    async fn restore(&mut self) -> anyhow::Result<()> {
+        let now = now_ms();
+        for envelope in self.store.vcvs() {
+            match fedmesh_protocol::open(&envelope, now) {
+                Ok(env) => {
+                    if let Message::Advertise(vcv) = env.message {
+                        self.local.insert(
+                            vcv.agent.name.clone(),
+                            LocalAgent {
+                                version: vcv.version,
+                            },
+                        );
+                        let _ = self.registry.insert(
+                            Entry {
+                                vcv,
+                                id: env.id,
+                                envelope,
+                            },
+                            now,
+                        );
+                    }
+                }
+                Err(e) => tracing::info!(reason = %e, "dropping a stored VCV"),
+            }
+        }
+        let records = self.store.tasks();
+        let n = records.len();
+        let outputs = self.tasks.restore(records);
+        tracing::info!(agents = self.local.len(), tasks = n, redeliver = outputs.len(), data_dir = %self.data_dir.display(), "restored state");
+        self.audit.append(
+            "node_start",
+            &self.id.to_string(),
+            serde_json::json!({"tasks": n}),
+            now,
+        )?;
+        self.execute(outputs).await?;
+        self.refresh_status();
+        Ok(())
+    }
+
+    async fn event_loop(mut self, mut inbound: mpsc::Receiver<Inbound>) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut status_every = 0u32;
+        let shutdown = tokio::signal::ctrl_c();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                msg = inbound.recv() => {
+                    let Some(first) = msg else {
+                        anyhow::bail!("the broker's link closed");
+                    };
+                    let mut outputs = Vec::new();
+                    self.handle(first, &mut outputs);
+                    let mut n = 1;
+                    while n < MAX_BATCH {
+                        let Ok(m) = inbound.try_recv() else { break };
+                        self.handle(m, &mut outputs);
+                        n += 1;
+                    }
+                    self.execute(outputs).await?;
+                    self.dirty = true;
+                }
+                _ = tick.tick() => {
+                    let now = now_ms();
+                    for agent in self.registry.expire(now) {
+                        tracing::debug!(%agent, "capability vector expired");
+                    }
+                    let outputs = self.tasks.tick(&self.registry, now);
+                    let changed = !outputs.is_empty();
+                    self.execute(outputs).await?;
+                    status_every += 1;
+                    if changed || self.dirty {
+                        self.refresh_status();
+                        self.dirty = false;
+                    }
+                    if status_every.is_multiple_of(20) {
+                        self.housekeeping(now).await?;
+                    }
+                }
+                _ = &mut shutdown => {
+                    tracing::info!("shutting down");
+                    self.store.flush().await?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn housekeeping(&mut self, now: u64) -> anyhow::Result<()> {
+        let pruned = self.tasks.prune(now.saturating_sub(KEEP_FINISHED_MS));
+        if !pruned.is_empty() {
+            self.store
+                .apply(pruned.into_iter().map(Write::DeleteTask))?;
+        }
+        if self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+            self.audit.checkpoint(now)?;
+            self.last_checkpoint = Instant::now();
+        }
+        let health = match self.broker.health() {
+            fedmesh_broker::Health::Healthy => None,
+            other => Some(format!("broker {other:?}")),
+        };
+        *self
+            .shared
+            .unhealthy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = health;
+        Ok(())
+    }
+
+    /// Persists every write of `outputs` with one flush, then performs the effects in order.
+    async fn execute(&mut self, outputs: Vec<Output>) -> anyhow::Result<()> {
+        let mut outputs = outputs;
+        outputs.append(&mut self.pending);
+        for _ in 0..MAX_ROUNDS {
+            if outputs.is_empty() {
+                break;
+            }
+            let writes: Vec<Write> = outputs
+                .iter()
+                .filter_map(|o| match o {
+                    Output::Persist(r) => Some(Write::Task(r.clone())),
+                    _ => None,
+                })
+                .collect();
+            if !writes.is_empty() {
+                self.store.apply(writes)?;
+            }
+            self.store.flush().await?;
+            let mut next = Vec::new();
+            for o in outputs {
+                self.effect(o, &mut next);
+            }
+            outputs = next;
+        }
+        self.pending = outputs;
+        Ok(())
+    }
+
+    fn effect(&mut self, output: Output, next: &mut Vec<Output>) {
+        match output {
+            Output::Persist(_) => {}
+            Output::Deliver {
+                agent,
+                task,
+                attempt,
+                ..
+            } => {
+                if let Some(t) = self.submitted_at.get(&task.id)
+                    && attempt == 1
+                {
+                    self.metrics
+                        .route_latency
+                        .observe(t.elapsed().as_secs_f64());
+                }
+                if agent.node == self.id {
+                    let topic = format!("fedmesh/v1/agent/{}/inbox", agent.name);
+                    self.publish(topic, api::task_message(&task, attempt), None, "task");
+                } else {
+                    // Cross-node offers arrive with the federation layer (issue #4). Until then a
+                    // remote agent is refused and the task moves on to the next candidate.
+                    self.metrics.error("remote_agent_unreachable");
+                    next.extend(self.tasks.declined(
+                        &agent,
+                        task.id,
+                        "remote nodes not reachable",
+                        &self.registry,
+                        now_ms(),
+                    ));
+                }
+            }
+            Output::Notify {
+                requester,
+                task,
+                event,
+            } => {
+                let finished = matches!(event, TaskEvent::Finished { .. });
+                if finished {
+                    if let Some(t) = self.submitted_at.remove(&task) {
+                        self.metrics.task_latency.observe(t.elapsed().as_secs_f64());
+                    }
+                    if let TaskEvent::Finished { state, agent, .. } = &event {
+                        let agent = agent.as_ref().map(ToString::to_string).unwrap_or_default();
+                        self.audit_append(
+                            "task_finished",
+                            &task.to_string(),
+                            serde_json::json!({"state": state.as_str(), "agent": agent}),
+                        );
+                    }
+                }
+                let payload = api::event_message(task, &requester.request_id, &event);
+                let kind = if finished { "result" } else { "status" };
+                self.publish(
+                    requester.reply_topic.clone(),
+                    payload,
+                    requester.correlation.clone().map(Bytes::from),
+                    kind,
+                );
+                if finished {
+                    next.extend(self.tasks.mark_delivered(task));
+                }
+            }
+        }
+    }
+
+    fn publish(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        correlation: Option<Bytes>,
+        kind: &'static str,
+    ) {
+        let out = Outbound {
+            topic,
+            payload: Bytes::from(payload),
+            qos: Qos::AtLeastOnce,
+            retain: false,
+            correlation_data: correlation,
+        };
+        match self.broker.publish(out) {
+            Ok(()) => {
+                self.metrics
+                    .messages_out
+                    .get_or_create(&Kind::of(kind))
+                    .inc();
+            }
+            Err(e) => {
+                self.metrics
+                    .queue_dropped
+                    .get_or_create(&Kind::of("broker_outbound"))
+                    .inc();
+                tracing::warn!(error = %e, kind, "dropped an outbound message");
+            }
+        }
+    }
+
+    fn audit_append(&mut self, kind: &str, subject: &str, detail: serde_json::Value) {
+        if let Err(e) = self.audit.append(kind, subject, detail, now_ms()) {
+            self.metrics.error("audit_append");
+            tracing::error!(error = %e, "audit append failed");
+        }
+    }
+
+    fn reply_error(&self, topic: String, correlation: Option<Bytes>, err: &ApiError) {
+        self.metrics.error(&format!("api_{}", err.op));
+        tracing::info!(error = %err, "refused a request");
+        self.publish(topic, api::error_message(err), correlation, "error");
+    }
+
+    fn handle(&mut self, msg: Inbound, outputs: &mut Vec<Output>) {
+        if msg.op == fedmesh_broker::acl::INBOX_OP {
+            return; // the node's own deliveries, seen by its own subscription
+        }
+        self.metrics
+            .messages_in
+            .get_or_create(&Kind::of(msg.op.as_str()))
+            .inc();
+        match msg.role {
+            Role::Agent => self.handle_agent(msg, outputs),
+            Role::Client => self.handle_client(msg, outputs),
+        }
+    }
+
+    fn handle_agent(&mut self, msg: Inbound, outputs: &mut Vec<Output>) {
+        let inbox = format!("fedmesh/v1/agent/{}/inbox", msg.principal);
+        let name = match AgentName::new(msg.principal.clone()) {
+            Ok(n) => n,
+            Err(e) => {
+                let err = ApiError {
+                    op: "agent",
+                    field: "topic".into(),
+                    reason: e.to_string(),
+                    request_id: None,
+                };
+                return self.reply_error(inbox, None, &err);
+            }
+        };
+        let agent = AgentId::new(self.id, name.clone());
+        let op = match api::parse_agent(&msg.op, &msg.payload) {
+            Ok(op) => op,
+            Err(err) => return self.reply_error(inbox, None, &err),
+        };
+        let now = now_ms();
+        match op {
+            AgentOp::Advertise(req) => match self.advertise(name, req, now) {
+                Ok(reply) => {
+                    self.publish(inbox, reply, None, "advertised");
+                    // A (re)connecting agent gets the tasks it holds (the broker forgets
+                    // undelivered messages across restarts), and may unblock waiting tasks.
+                    outputs.extend(self.tasks.redeliver(&agent));
+                    outputs.extend(self.tasks.tick(&self.registry, now));
+                }
+                Err(err) => self.reply_error(inbox, None, &err),
+            },
+            AgentOp::Withdraw => {
+                let version = self.local.get(&name).map_or(0, |l| l.version);
+                if let Ok(Some(_)) = self.registry.withdraw(&agent, version, now) {
+                    self.audit_append(
+                        "withdraw",
+                        &agent.to_string(),
+                        serde_json::json!({"version": version}),
+                    );
+                    if let Err(e) = self.store.apply([Write::DeleteVcv(name.to_string())]) {
+                        tracing::error!(error = %e, "deleting a withdrawn VCV");
+                    }
+                }
+                self.publish(inbox, api::withdrawn_message(&agent), None, "withdrawn");
+            }
+            AgentOp::Progress(p) => outputs.extend(
+                self.tasks
+                    .progress(&agent, p.task_id, p.percent, p.note, now),
+            ),
+            AgentOp::Result(r) => {
+                let out = self
+                    .tasks
+                    .result(&agent, r.task_id, r.outcome, &self.registry, now);
+                if out.is_empty() {
+                    self.metrics.error("result_ignored");
+                    tracing::debug!(%agent, task = %r.task_id, "ignored a result for a task this agent does not hold");
+                }
+                outputs.extend(out);
+            }
+        }
+    }
+
+    fn advertise(
+        &mut self,
+        name: AgentName,
+        req: api::AdvertiseReq,
+        now: u64,
+    ) -> Result<Vec<u8>, ApiError> {
+        let err = |field: &str, reason: String| ApiError {
+            op: "advertise",
+            field: field.into(),
+            reason,
+            request_id: None,
+        };
+        let capability = match &req.embedding {
+            Some(e) => Embedding::quantise(e.space.clone(), &e.values)
+                .ok_or_else(|| err("embedding.values", "zero or non-finite vector".into()))?,
+            None => {
+                let v = fedmesh_embed::agent_vector(
+                    self.embedder.as_ref(),
+                    &req.description,
+                    &req.examples,
+                );
+                Embedding::quantise(self.embedder.space(), &v)
+                    .ok_or_else(|| err("description", "could not be embedded".into()))?
+            }
+        };
+        let spec = req
+            .spec
+            .as_deref()
+            .and_then(|s| Embedding::quantise(self.embedder.space(), &self.embedder.embed(s)));
+        let prev = self.local.get(&name).map_or(0, |l| l.version);
+        let version = (prev + 1).max(now);
+        let mut vcv = Vcv {
+            agent: AgentId::new(self.id, name.clone()),
+            version,
+            issued_at_ms: now,
+            expires_at_ms: now + req.ttl_s.saturating_mul(1000),
+            description: req.description,
+            examples: req.examples,
+            capability,
+            skills: req.skills,
+            skill_bloom: Default::default(),
+            resources: req.resources,
+            policies: req.policies,
+            spec,
+        };
+        vcv.normalise();
+        let envelope = fedmesh_protocol::seal(&self.key, now, &Message::Advertise(vcv.clone()))
+            .map_err(|r| rejection(&r, "advertise"))?;
+        let opened =
+            fedmesh_protocol::open(&envelope, now).map_err(|r| rejection(&r, "advertise"))?;
+        let id = opened.id;
+        let expires = vcv.expires_at_ms;
+        let agent = vcv.agent.clone();
+        match self.registry.insert(
+            Entry {
+                vcv,
+                id,
+                envelope: envelope.clone(),
+            },
+            now,
+        ) {
+            Ok(_) => {}
+            Err(InsertError::Rejected(r)) => return Err(rejection(&r, "advertise")),
+            Err(InsertError::Full(f)) => return Err(err("agent", f.to_string())),
+        }
+        self.local.insert(name.clone(), LocalAgent { version });
+        if let Err(e) = self.store.apply([Write::Vcv {
+            name: name.to_string(),
+            envelope,
+        }]) {
+            tracing::error!(error = %e, "storing a VCV");
+        }
+        self.audit_append(
+            "advertise",
+            &agent.to_string(),
+            serde_json::json!({"version": version, "vcv_id": id.to_string()}),
+        );
+        Ok(api::advertised_message(&agent, version, &id, expires))
+    }
+
+    fn reply_topic(&self, msg: &Inbound, reply_to: Option<&str>) -> Result<String, ApiError> {
+        let topic = msg
+            .response_topic
+            .clone()
+            .or_else(|| reply_to.map(str::to_string))
+            .unwrap_or_else(|| format!("fedmesh/v1/client/{}/inbox", msg.principal));
+        if let Some(rest) = topic.strip_prefix("fedmesh/v1/") {
+            let mut parts = rest.split('/');
+            let (role, who) = (parts.next(), parts.next());
+            if !matches!(role, Some("client" | "agent")) || who != Some(msg.principal.as_str()) {
+                return Err(ApiError {
+                    op: "submit",
+                    field: "reply_to".into(),
+                    reason: format!(
+                        "{topic:?} is inside another principal's fedmesh/v1/ namespace"
+                    ),
+                    request_id: None,
+                });
+            }
+        }
+        if let Err(reason) = fedmesh_broker::acl::node_may_publish(&topic) {
+            return Err(ApiError {
+                op: "submit",
+                field: "reply_to".into(),
+                reason: format!("{topic:?}: {reason}; use your inbox or a topic below it"),
+                request_id: None,
+            });
+        }
+        Ok(topic)
+    }
+
+    fn handle_client(&mut self, msg: Inbound, outputs: &mut Vec<Output>) {
+        let default_reply = msg
+            .response_topic
+            .clone()
+            .unwrap_or_else(|| format!("fedmesh/v1/client/{}/inbox", msg.principal));
+        let correlation = msg.correlation_data.clone();
+        let op = match api::parse_client(&msg.op, &msg.payload) {
+            Ok(op) => op,
+            Err(err) => return self.reply_error(default_reply, correlation, &err),
+        };
+        let now = now_ms();
+        match op {
+            ClientOp::Submit(req) => {
+                let reply_topic = match self.reply_topic(&msg, req.reply_to.as_deref()) {
+                    Ok(t) => t,
+                    Err(mut err) => {
+                        err.request_id = req.request_id.clone();
+                        return self.reply_error(default_reply, correlation, &err);
+                    }
+                };
+                let request_id = req.request_id.clone().unwrap_or_else(|| {
+                    format!(
+                        "auto-{}",
+                        fedmesh_protocol::keys::hex(&rand::random::<[u8; 8]>())
+                    )
+                });
+                match self.build_task(&msg.principal, &request_id, req, now) {
+                    Ok(spec) => {
+                        let requester = Requester {
+                            principal: msg.principal.clone(),
+                            request_id: request_id.clone(),
+                            reply_topic: reply_topic.clone(),
+                            correlation: correlation.as_ref().map(|c| c.to_vec()),
+                        };
+                        let id = spec.id;
+                        let fresh = self.tasks.get(&id).is_none();
+                        match self.tasks.submit(spec, requester, &self.registry, now) {
+                            Ok(out) => {
+                                if fresh {
+                                    if self.submitted_at.len() < self.cfg.limits.max_inflight_tasks
+                                    {
+                                        self.submitted_at.insert(id, Instant::now());
+                                    }
+                                    self.audit_append("task_accepted", &id.to_string(), serde_json::json!({"requester": msg.principal, "request_id": request_id}));
+                                }
+                                outputs.extend(out);
+                            }
+                            Err(e) => {
+                                let err = ApiError {
+                                    op: "submit",
+                                    field: "task".into(),
+                                    reason: e.to_string(),
+                                    request_id: Some(request_id),
+                                };
+                                self.reply_error(reply_topic, correlation, &err);
+                            }
+                        }
+                    }
+                    Err(mut err) => {
+                        err.request_id = Some(request_id);
+                        self.reply_error(reply_topic, correlation, &err);
+                    }
+                }
+            }
+            ClientOp::Status(q) => {
+                let record = match &q {
+                    api::StatusReq::Task(id) => self.tasks.get(id),
+                    api::StatusReq::Request(rid) => {
+                        self.tasks
+                            .get(&TaskId::derive(&self.id, &msg.principal, rid))
+                    }
+                };
+                match record.filter(|r| r.requester.principal == msg.principal) {
+                    Some(r) => {
+                        self.publish(default_reply, api::status_message(r), correlation, "status")
+                    }
+                    None => {
+                        let err = ApiError {
+                            op: "status",
+                            field: "task_id".into(),
+                            reason: "no such task for this requester".into(),
+                            request_id: None,
+                        };
+                        self.reply_error(default_reply, correlation, &err);
+                    }
+                }
+            }
+        }
+    }
+
+    fn build_task(
+        &self,
+        principal: &str,
+        request_id: &str,
+        req: api::SubmitReq,
+        now: u64,
+    ) -> Result<TaskSpec, ApiError> {
+        let err = |field: &str, reason: String| ApiError {
+            op: "submit",
+            field: field.into(),
+            reason,
+            request_id: None,
+        };
+        let requirement = match &req.embedding {
+            Some(e) => Embedding::quantise(e.space.clone(), &e.values)
+                .ok_or_else(|| err("embedding.values", "zero or non-finite vector".into()))?,
+            None => {
+                let text = if req.description.trim().is_empty() {
+                    String::from_utf8_lossy(&req.input).into_owned()
+                } else {
+                    req.description.clone()
+                };
+                Embedding::quantise(self.embedder.space(), &self.embedder.embed(&text))
+                    .ok_or_else(|| err("description", "could not be embedded".into()))?
+            }
+        };
+        let spec = req
+            .spec
+            .as_deref()
+            .and_then(|s| Embedding::quantise(self.embedder.space(), &self.embedder.embed(s)));
+        let deadline = req
+            .deadline_ms
+            .unwrap_or(self.cfg.routing.default_deadline_ms);
+        let mut skills = req.skills;
+        let mut policies = req.policies;
+        fedmesh_protocol::vcv::normalise_labels(&mut skills, true);
+        fedmesh_protocol::vcv::normalise_labels(&mut policies, false);
+        let spec = TaskSpec {
+            id: TaskId::derive(&self.id, principal, request_id),
+            origin: self.id,
+            description: req.description,
+            requirement,
+            spec,
+            skills,
+            policies,
+            limits: req.limits,
+            input: req.input,
+            created_at_ms: now,
+            deadline_ms: now.saturating_add(deadline),
+            redundancy: req.redundancy,
+        };
+        spec.validate().map_err(|r| rejection(&r, "submit"))?;
+        Ok(spec)
+    }
+
+    fn refresh_status(&self) {
+        let counts = self.tasks.counts();
+        let mut by_state = serde_json::Map::new();
+        for s in fedmesh_protocol::task::TaskState::ALL {
+            let n = counts.get(&s).copied().unwrap_or(0);
+            by_state.insert(s.as_str().into(), n.into());
+            self.metrics
+                .tasks
+                .get_or_create(&Kind::of(s.as_str()))
+                .set(n as i64);
+        }
+        self.metrics.agents.set(self.registry.len() as i64);
+        let mut agents: Vec<serde_json::Value> = self
+            .registry
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "id": e.vcv.agent.to_string(),
+                    "version": e.vcv.version,
+                    "description": e.vcv.description,
+                    "skills": e.vcv.skills,
+                    "capacity": e.vcv.resources.capacity,
+                    "load": self.tasks.load(&e.vcv.agent),
+                    "expires_at_ms": e.vcv.expires_at_ms,
+                    "local": e.vcv.agent.node == self.id,
+                })
+            })
+            .collect();
+        agents.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+        let status = serde_json::json!({
+            "node_id": self.id.to_string(),
+            "name": self.cfg.node.name,
+            "embedder": self.embedder.space(),
+            "mqtt": {"v4": self.broker.local_addr_v4().to_string(), "v5": self.broker.local_addr_v5().map(|a| a.to_string())},
+            "agents": agents,
+            "tasks": by_state,
+            "audit_entries": self.audit.len(),
+        });
+        *self
+            .shared
+            .status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = status;
+    }
+}
+
+fn rejection(r: &Rejection, op: &'static str) -> ApiError {
+    let field = match r {
+        Rejection::NotFinite { field }
+        | Rejection::NotNormalised { field, .. }
+        | Rejection::DimensionOutOfRange { field, .. }
+        | Rejection::DimensionMismatch { field, .. }
+        | Rejection::TooMany { field, .. }
+        | Rejection::TooLong { field, .. }
+        | Rejection::BadLabel { field } => (*field).to_string(),
+        Rejection::Oversize { .. } => "payload".into(),
+        Rejection::TtlTooLong { .. } | Rejection::Expired { .. } => "ttl_s".into(),
+        _ => r.label().into(),
+    };
+    ApiError {
+        op,
+        field,
+        reason: r.to_string(),
+        request_id: None,
+    }
+}
