@@ -63,7 +63,7 @@ impl NodeKey {
     /// Parses [`NodeKey::to_secret_hex`] output; surrounding whitespace is ignored.
     pub fn from_secret_hex(text: &str) -> Result<Self, IdError> {
         let text = text.trim();
-        if text.len() != 64 {
+        if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(IdError::BadSecret);
         }
         let mut out = [0u8; 32];

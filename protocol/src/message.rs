@@ -28,7 +28,7 @@ impl TaskId {
     /// Parses 32 hex characters.
     pub fn from_hex(s: &str) -> Option<Self> {
         let s = s.as_bytes();
-        if s.len() != 32 {
+        if s.len() != 32 || !s.iter().all(u8::is_ascii_hexdigit) {
             return None;
         }
         let mut out = [0u8; 16];

@@ -1044,8 +1044,6 @@ fn every_valid_message_kind_opens() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "BUG (reported): open_batch uses ed25519-dalek's non-strict verify_batch, which accepts a \
-            weak-key forgery that open (verify_strict) rejects"]
 fn open_batch_rejects_weak_key_forgery_like_open() {
     let forged = weak_key_forgery();
     assert_eq!(open(&forged, NOW), Err(Rejection::BadSignature));
@@ -1061,7 +1059,6 @@ fn open_batch_rejects_weak_key_forgery_like_open() {
 }
 
 #[test]
-#[ignore = "BUG (reported): hex parsers use u8::from_str_radix, which accepts a '+' sign"]
 fn hex_parsers_refuse_a_plus_sign() {
     let k = "+1".repeat(32);
     assert!(NodeKey::from_secret_hex(&k).is_err());
