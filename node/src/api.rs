@@ -22,9 +22,9 @@ use fedmesh_protocol::limits::{
 };
 use fedmesh_protocol::task::{TaskEvent, TaskRecord, TaskState};
 use fedmesh_protocol::{AgentId, ContentId, Outcome, ResourceLimits, Resources, TaskId, TaskSpec};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Map, Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// Longest `request_id`, in bytes.
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
@@ -768,56 +768,116 @@ fn truncated(s: &str, max: usize) -> &str {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Formatting. `Value`'s `Display` is infallible JSON, so nothing here can fail.
+// Formatting. Replies are serialised from structs so that keys keep the documented order
+// (`type` first); absent fields are left out.
 
-fn to_bytes(v: Value) -> Vec<u8> {
-    v.to_string().into_bytes()
-}
-
-/// Inserts `bytes` as `{text_key: string}` when valid UTF-8, else as `{b64_key: base64}`.
-fn put_bytes(m: &mut Map<String, Value>, text_key: &str, b64_key: &str, bytes: &[u8]) {
+/// Text when valid UTF-8, else base64: (`text`, `b64`) with exactly one set.
+fn text_or_b64(bytes: &[u8]) -> (Option<&str>, Option<String>) {
     match std::str::from_utf8(bytes) {
-        Ok(s) => m.insert(text_key.into(), s.into()),
-        Err(_) => m.insert(b64_key.into(), STANDARD.encode(bytes).into()),
-    };
+        Ok(s) => (Some(s), None),
+        Err(_) => (None, Some(STANDARD.encode(bytes))),
+    }
 }
 
-/// Inserts an outcome as `output`/`output_b64` or `error`.
-fn put_outcome(m: &mut Map<String, Value>, outcome: &Outcome) {
-    match outcome {
-        Outcome::Ok(out) => put_bytes(m, "output", "output_b64", out),
-        Outcome::Failed(reason) => {
-            m.insert("error".into(), reason.as_str().into());
+/// Every reply but `task`, in one shape.
+#[derive(Default, Serialize)]
+struct Reply<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    op: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    task_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agent: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempts: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    percent: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vcv_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_b64: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+}
+
+impl<'a> Reply<'a> {
+    fn task(kind: &'a str, task: TaskId, request_id: &'a str) -> Self {
+        Self {
+            kind,
+            task_id: Some(task.to_string()),
+            request_id: Some(request_id),
+            ..Self::default()
         }
     }
-}
 
-fn put_agent(m: &mut Map<String, Value>, agent: Option<&AgentId>) {
-    if let Some(a) = agent {
-        m.insert("agent".into(), a.to_string().into());
+    fn outcome(mut self, outcome: &'a Outcome) -> Self {
+        match outcome {
+            Outcome::Ok(out) => (self.output, self.output_b64) = text_or_b64(out),
+            Outcome::Failed(reason) => self.error = Some(reason),
+        }
+        self
+    }
+
+    fn to_vec(&self) -> Vec<u8> {
+        to_json(self)
     }
 }
 
-fn header(kind: &str, task: TaskId, request_id: &str) -> Map<String, Value> {
-    let mut m = Map::new();
-    m.insert("type".into(), kind.into());
-    m.insert("task_id".into(), task.to_string().into());
-    m.insert("request_id".into(), request_id.into());
-    m
+/// `{"type":"task", ...}`.
+#[derive(Serialize)]
+struct TaskJson<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    task_id: String,
+    attempt: u32,
+    description: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input_b64: Option<String>,
+    skills: &'a [String],
+    policies: &'a [String],
+    deadline_ms: u64,
+}
+
+/// JSON of plain strings, integers and sequences: serialisation cannot fail, but should it,
+/// an empty object is sent rather than panicking.
+fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec())
 }
 
 /// `{"type":"task", ...}`: a task for an agent's inbox.
 pub fn task_message(spec: &TaskSpec, attempt: u32) -> Vec<u8> {
-    let mut m = Map::new();
-    m.insert("type".into(), "task".into());
-    m.insert("task_id".into(), spec.id.to_string().into());
-    m.insert("attempt".into(), attempt.into());
-    m.insert("description".into(), spec.description.as_str().into());
-    put_bytes(&mut m, "input", "input_b64", &spec.input);
-    m.insert("skills".into(), json!(spec.skills));
-    m.insert("policies".into(), json!(spec.policies));
-    m.insert("deadline_ms".into(), spec.deadline_ms.into());
-    to_bytes(Value::Object(m))
+    let (input, input_b64) = text_or_b64(&spec.input);
+    to_json(&TaskJson {
+        kind: "task",
+        task_id: spec.id.to_string(),
+        attempt,
+        description: &spec.description,
+        input,
+        input_b64,
+        skills: &spec.skills,
+        policies: &spec.policies,
+        deadline_ms: spec.deadline_ms,
+    })
 }
 
 /// `{"type":"advertised", ...}`: the answer to an advertise.
@@ -827,89 +887,90 @@ pub fn advertised_message(
     vcv_id: &ContentId,
     expires_at_ms: u64,
 ) -> Vec<u8> {
-    to_bytes(json!({
-        "type": "advertised",
-        "agent": agent.to_string(),
-        "version": version,
-        "vcv_id": vcv_id.to_string(),
-        "expires_at_ms": expires_at_ms,
-    }))
+    Reply {
+        kind: "advertised",
+        agent: Some(agent.to_string()),
+        version: Some(version),
+        vcv_id: Some(vcv_id.to_string()),
+        expires_at_ms: Some(expires_at_ms),
+        ..Reply::default()
+    }
+    .to_vec()
 }
 
 /// `{"type":"withdrawn", ...}`: the answer to a withdraw.
 pub fn withdrawn_message(agent: &AgentId) -> Vec<u8> {
-    to_bytes(json!({"type": "withdrawn", "agent": agent.to_string()}))
+    Reply {
+        kind: "withdrawn",
+        agent: Some(agent.to_string()),
+        ..Reply::default()
+    }
+    .to_vec()
 }
 
 /// A requester notification: `accepted`, `status`, `progress` or `result`.
 pub fn event_message(task: TaskId, request_id: &str, event: &TaskEvent) -> Vec<u8> {
-    let m = match event {
-        TaskEvent::Accepted { state } => {
-            let mut m = header("accepted", task, request_id);
-            m.insert("state".into(), state.as_str().into());
-            m
-        }
-        TaskEvent::Status { state, agent, note } => {
-            let mut m = header("status", task, request_id);
-            m.insert("state".into(), state.as_str().into());
-            put_agent(&mut m, agent.as_ref());
-            if let Some(n) = note {
-                m.insert("note".into(), n.as_str().into());
-            }
-            m
-        }
+    let reply = match event {
+        TaskEvent::Accepted { state } => Reply {
+            state: Some(state.as_str()),
+            ..Reply::task("accepted", task, request_id)
+        },
+        TaskEvent::Status { state, agent, note } => Reply {
+            state: Some(state.as_str()),
+            agent: agent.as_ref().map(ToString::to_string),
+            note: note.as_deref(),
+            ..Reply::task("status", task, request_id)
+        },
         TaskEvent::Progress {
             agent,
             percent,
             note,
-        } => {
-            let mut m = header("progress", task, request_id);
-            m.insert("state".into(), TaskState::Running.as_str().into());
-            put_agent(&mut m, Some(agent));
-            m.insert("percent".into(), (*percent).into());
-            m.insert("note".into(), note.as_str().into());
-            m
-        }
+        } => Reply {
+            state: Some(TaskState::Running.as_str()),
+            agent: Some(agent.to_string()),
+            percent: Some(*percent),
+            note: Some(note),
+            ..Reply::task("progress", task, request_id)
+        },
         TaskEvent::Finished {
             state,
             agent,
             outcome,
-        } => {
-            let mut m = header("result", task, request_id);
-            m.insert("state".into(), state.as_str().into());
-            put_agent(&mut m, agent.as_ref());
-            put_outcome(&mut m, outcome);
-            m
+        } => Reply {
+            state: Some(state.as_str()),
+            agent: agent.as_ref().map(ToString::to_string),
+            ..Reply::task("result", task, request_id)
         }
+        .outcome(outcome),
     };
-    to_bytes(Value::Object(m))
+    reply.to_vec()
 }
 
 /// `{"type":"error", ...}`: a refused request.
 pub fn error_message(err: &ApiError) -> Vec<u8> {
-    let mut m = Map::new();
-    m.insert("type".into(), "error".into());
-    m.insert("op".into(), err.op.into());
-    if let Some(id) = &err.request_id {
-        m.insert("request_id".into(), id.as_str().into());
+    Reply {
+        kind: "error",
+        op: Some(err.op),
+        request_id: err.request_id.as_deref(),
+        field: Some(&err.field),
+        reason: Some(&err.reason),
+        ..Reply::default()
     }
-    m.insert("field".into(), err.field.as_str().into());
-    m.insert("reason".into(), err.reason.as_str().into());
-    to_bytes(Value::Object(m))
+    .to_vec()
 }
 
 /// `{"type":"status", ...}`: the answer to a status request, with the outcome once final.
 pub fn status_message(record: &TaskRecord) -> Vec<u8> {
-    let mut m = header("status", record.spec.id, &record.requester.request_id);
-    m.insert("state".into(), record.state.as_str().into());
-    put_agent(&mut m, record.agent.as_ref());
-    m.insert("attempts".into(), record.attempts.into());
-    if record.state.is_final()
-        && let Some(outcome) = &record.outcome
-    {
-        put_outcome(&mut m, outcome);
+    let reply = Reply {
+        state: Some(record.state.as_str()),
+        agent: record.agent.as_ref().map(ToString::to_string),
+        attempts: Some(record.attempts),
+        ..Reply::task("status", record.spec.id, &record.requester.request_id)
+    };
+    match &record.outcome {
+        Some(outcome) if record.state.is_final() => reply.outcome(outcome).to_vec(),
+        _ => reply.to_vec(),
     }
-    to_bytes(Value::Object(m))
 }
 
 #[cfg(test)]
@@ -918,6 +979,7 @@ mod tests {
     use super::*;
     use fedmesh_protocol::keys::{AgentName, NodeId};
     use fedmesh_protocol::task::Requester;
+    use serde_json::json;
 
     const ID: &str = "00112233445566778899aabbccddeeff";
 
@@ -1409,10 +1471,11 @@ mod tests {
             Outcome::Ok(Vec::new()),
             Outcome::Failed("no German today".into()),
         ] {
-            let mut m = Map::new();
-            m.insert("task_id".into(), ID.into());
-            put_outcome(&mut m, &outcome);
-            let payload = Value::Object(m).to_string();
+            let mut reply = Reply::default().outcome(&outcome);
+            reply.task_id = Some(ID.into());
+            let mut v: Value = serde_json::from_slice(&reply.to_vec()).unwrap();
+            v.as_object_mut().unwrap().remove("type");
+            let payload = v.to_string();
             assert_eq!(
                 parse_agent("result", payload.as_bytes()).unwrap(),
                 AgentOp::Result(ResultReq {
@@ -1706,6 +1769,40 @@ mod tests {
         assert_eq!(
             (v["state"].as_str(), v["error"].as_str()),
             (Some("failed"), Some("gave up"))
+        );
+    }
+
+    #[test]
+    fn type_comes_first() {
+        let key = fedmesh_protocol::sample::key(1);
+        let spec = fedmesh_protocol::sample::task(&key, "r-1", 1_000);
+        let task = TaskId::from_hex(ID).unwrap();
+        let err = ApiError {
+            op: "submit",
+            field: "f".into(),
+            reason: "r".into(),
+            request_id: None,
+        };
+        for bytes in [
+            task_message(&spec, 1),
+            advertised_message(&agent(), 1, &ContentId([0; 32]), 1),
+            withdrawn_message(&agent()),
+            event_message(
+                task,
+                "r",
+                &TaskEvent::Accepted {
+                    state: TaskState::Accepted,
+                },
+            ),
+            error_message(&err),
+        ] {
+            let text = String::from_utf8(bytes).unwrap();
+            assert!(text.starts_with("{\"type\":"), "{text}");
+        }
+        let text = String::from_utf8(error_message(&err)).unwrap();
+        assert_eq!(
+            text,
+            r#"{"type":"error","op":"submit","field":"f","reason":"r"}"#
         );
     }
 
