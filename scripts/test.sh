@@ -23,6 +23,9 @@ if [ -x scripts/fetch-wordllama.sh ]; then
   export FEDMESH_WORDLLAMA_DIR="${FEDMESH_WORDLLAMA_DIR:-$PWD/third_party/wordllama}"
 fi
 
+# The workspace integration tests (tests/) run the real `fedmesh` binary.
+cargo build -p fedmesh-node --bin fedmesh
+
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
   cargo test --workspace --doc -q

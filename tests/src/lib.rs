@@ -16,7 +16,13 @@ pub fn fedmesh_bin() -> PathBuf {
         .and_then(Path::parent)
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    dir.join("fedmesh")
+    let bin = dir.join("fedmesh");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p fedmesh-node --bin fedmesh` first (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
 }
 
 /// A free loopback port (bound then released).
