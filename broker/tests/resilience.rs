@@ -248,3 +248,122 @@ async fn empty_client_ids() {
     );
     broker.shutdown().await;
 }
+
+/// A PUBLISH (v4, or v5 with no properties) with QoS 1 and packet id `pkid`.
+fn raw_publish_qos1(level: u8, topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&pkid.to_be_bytes());
+    if level == 5 {
+        body.push(0);
+    }
+    body.extend_from_slice(payload);
+    assert!(body.len() < 128, "one-byte remaining length");
+    let mut out = vec![0x32, body.len() as u8];
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Reads from `s` until `got` holds a complete frame (one-byte remaining lengths only);
+/// returns it.
+async fn read_frame(s: &mut TcpStream, got: &mut Vec<u8>) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 512];
+    while got.len() < 2 || got.len() < 2 + usize::from(got[1]) {
+        assert!(got.len() < 2 || got[1] < 0x80, "short frames only");
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .expect("frame in time")
+            .expect("read");
+        assert!(n > 0, "connection closed by the server; buffered {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let len = 2 + usize::from(got[1]);
+    got.drain(..len).collect()
+}
+
+/// What `mosquitto_pub -q 1` does: CONNECT, PUBLISH QoS 1, wait for the PUBACK, send
+/// DISCONNECT and close the socket at once (no waiting for the server to close).
+async fn mosquitto_pub_like(
+    addr: std::net::SocketAddr,
+    level: u8,
+    id: &str,
+    topic: &str,
+    msg: &[u8],
+) {
+    let (code, mut s) = raw_connack(addr, &raw_connect(level, id, 60, None)).await;
+    assert_eq!(code, Some(0), "{id} connects");
+    s.write_all(&raw_publish_qos1(level, topic, 1, msg))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let ack = read_frame(&mut s, &mut got).await;
+    assert_eq!(ack[0], 0x40, "PUBACK for {id}, got {ack:?}");
+    let disconnect: &[u8] = if level == 5 {
+        &[0xe0, 0x01, 0x00]
+    } else {
+        &[0xe0, 0x00]
+    };
+    s.write_all(disconnect).await.unwrap();
+    drop(s);
+}
+
+/// The interop report: a subscriber (`mosquitto_sub`) lost its connection right after a
+/// short-lived `mosquitto_pub -q 1` left, and missed the last reply. (Cause: the test's
+/// `mosquitto_sub -C 3` disconnects by itself after three messages; rumqttd's log showed
+/// the DISCONNECT arriving on the subscriber's own connection.) Pin down that publishers
+/// which DISCONNECT and close at once, on both listeners, with fresh and reused client
+/// ids, never disturb a subscriber or the node's link.
+#[tokio::test]
+async fn short_lived_publishers_do_not_disturb_a_subscriber() {
+    let (broker, mut inbound) = start(settings());
+    let (v4, v5) = (broker.local_addr_v4(), broker.local_addr_v5().unwrap());
+    // The subscriber, as mosquitto_sub: raw v4, QoS 0 subscription.
+    let (code, mut sub) = raw_connack(v4, &raw_connect(4, "listener", 60, None)).await;
+    assert_eq!(code, Some(0));
+    let filter = b"replies/v311";
+    let mut subscribe = vec![0x82, (2 + 2 + filter.len() + 1) as u8, 0, 1];
+    subscribe.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    subscribe.extend_from_slice(filter);
+    subscribe.push(0);
+    sub.write_all(&subscribe).await.unwrap();
+    let mut got = Vec::new();
+    let suback = read_frame(&mut sub, &mut got).await;
+    assert_eq!(suback, [0x90, 3, 0, 1, 0]);
+
+    let rounds = 40u8;
+    for i in 0..rounds {
+        let (addr, level) = if i % 2 == 0 { (v4, 4) } else { (v5, 5) };
+        // Alternate a reused client id (as the interop test does) with fresh ones.
+        let id = if i % 3 == 0 {
+            "mosq-req".to_owned()
+        } else {
+            format!("pub-{i}")
+        };
+        let submit = format!("fedmesh/v1/client/{id}/submit");
+        mosquitto_pub_like(addr, level, &id, &submit, &[i]).await;
+        let got_inbound = tokio::time::timeout(WAIT, inbound.recv())
+            .await
+            .expect("node link gets the submit")
+            .expect("link alive");
+        assert_eq!(
+            (got_inbound.principal.as_str(), &got_inbound.payload[..]),
+            (id.as_str(), &[i][..])
+        );
+        // Another short-lived publisher sends the reply the subscriber waits for.
+        mosquitto_pub_like(addr, level, &format!("replier-{i}"), "replies/v311", &[i]).await;
+        let publish = read_frame(&mut sub, &mut got).await;
+        assert_eq!(publish[0] & 0xf0, 0x30, "PUBLISH {i}, got {publish:?}");
+        assert_eq!(
+            publish.last(),
+            Some(&i),
+            "message {i} in order, got {publish:?}"
+        );
+    }
+    // Still connected: a PINGREQ is answered.
+    sub.write_all(&[0xc0, 0]).await.unwrap();
+    assert_eq!(read_frame(&mut sub, &mut got).await, [0xd0, 0]);
+    assert_serves(v4).await;
+    broker.shutdown().await;
+}
