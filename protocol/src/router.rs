@@ -135,6 +135,20 @@ pub fn rank<'a>(
     exclude: &[AgentId],
     params: &RouterParams,
 ) -> Vec<Candidate> {
+    rank_with(task, agents, inflight, |_| 1.0, exclude, params)
+}
+
+/// [`rank`] with a per-agent performance factor in `[0, 1]` (FoA's `perf` in Eq. 3, fed back
+/// from observed success and latency) multiplied into the ranking score. The qualification
+/// threshold still applies to the raw α.
+pub fn rank_with<'a>(
+    task: &TaskSpec,
+    agents: impl IntoIterator<Item = &'a Vcv>,
+    inflight: impl Fn(&AgentId) -> u16,
+    perf: impl Fn(&AgentId) -> f32,
+    exclude: &[AgentId],
+    params: &RouterParams,
+) -> Vec<Candidate> {
     let bloom = SkillBloom::of(task.skills.iter().map(String::as_str));
     let mut scored: Vec<(f32, &Vcv)> = agents
         .into_iter()
@@ -163,7 +177,9 @@ pub fn rank<'a>(
                 agent: v.agent.clone(),
                 version: v.version,
                 alpha,
-                score: alpha * (1.0 - params.load_weight * f32::from(load) / f32::from(cap)),
+                score: alpha
+                    * perf(&v.agent).clamp(0.0, 1.0)
+                    * (1.0 - params.load_weight * f32::from(load) / f32::from(cap)),
             })
         })
         .collect();
@@ -172,6 +188,121 @@ pub fn rank<'a>(
             .total_cmp(&a.score)
             .then_with(|| a.agent.cmp(&b.agent))
     });
+    out
+}
+
+/// Most tasks assigned together by [`assign_batch`].
+pub const MAX_ASSIGN_BATCH: usize = 64;
+/// Most candidates per task considered by [`assign_batch`].
+pub const MAX_ASSIGN_CANDIDATES: usize = 8;
+
+/// FoA Eq. 3 for a batch: choose at most one candidate per task so that the sum of scores is
+/// maximal while no agent gets more tasks than `free_slots(agent)`.
+///
+/// `options[t]` are task `t`'s ranked candidates (only the first [`MAX_ASSIGN_CANDIDATES`] are
+/// considered; at most [`MAX_ASSIGN_BATCH`] tasks). Solved exactly as a min-cost flow (source →
+/// task → agent → sink, cost = −score) by successive shortest paths with Bellman–Ford, stopping
+/// when no augmenting path improves the total. Returns, per task, the index of the chosen
+/// candidate. Ties resolve deterministically (input order).
+pub fn assign_batch(
+    options: &[Vec<Candidate>],
+    free_slots: impl Fn(&AgentId) -> u16,
+) -> Vec<Option<usize>> {
+    let tasks = options.len().min(MAX_ASSIGN_BATCH);
+    let mut agents: Vec<&AgentId> = Vec::new();
+    for opts in &options[..tasks] {
+        for c in opts.iter().take(MAX_ASSIGN_CANDIDATES) {
+            if !agents.contains(&&c.agent) {
+                agents.push(&c.agent);
+            }
+        }
+    }
+    // Nodes: 0 = source, 1..=tasks, then agents, then sink.
+    let (src, a0) = (0usize, 1 + tasks);
+    let sink = a0 + agents.len();
+    let n = sink + 1;
+    struct Edge {
+        to: usize,
+        cap: i32,
+        cost: f64,
+    }
+    let mut edges: Vec<Edge> = Vec::new();
+    let mut adj: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let add = |edges: &mut Vec<Edge>,
+               adj: &mut Vec<Vec<usize>>,
+               u: usize,
+               v: usize,
+               cap: i32,
+               cost: f64| {
+        adj[u].push(edges.len());
+        edges.push(Edge { to: v, cap, cost });
+        adj[v].push(edges.len());
+        edges.push(Edge {
+            to: u,
+            cap: 0,
+            cost: -cost,
+        });
+    };
+    let mut choice_edges: Vec<Vec<(usize, usize)>> = vec![Vec::new(); tasks];
+    for (t, opts) in options[..tasks].iter().enumerate() {
+        add(&mut edges, &mut adj, src, 1 + t, 1, 0.0);
+        for (i, c) in opts.iter().take(MAX_ASSIGN_CANDIDATES).enumerate() {
+            let a = agents.iter().position(|x| *x == &c.agent).unwrap_or(0);
+            choice_edges[t].push((edges.len(), i));
+            add(
+                &mut edges,
+                &mut adj,
+                1 + t,
+                a0 + a,
+                1,
+                -f64::from(c.score.max(0.0)),
+            );
+        }
+    }
+    for (a, agent) in agents.iter().enumerate() {
+        let slots = i32::from(free_slots(agent)).min(tasks as i32);
+        if slots > 0 {
+            add(&mut edges, &mut adj, a0 + a, sink, slots, 0.0);
+        }
+    }
+    // Successive shortest paths; each round is bounded (at most `tasks` augmentations).
+    for _ in 0..tasks {
+        let mut dist = vec![f64::INFINITY; n];
+        let mut prev: Vec<Option<usize>> = vec![None; n];
+        dist[src] = 0.0;
+        for _ in 0..n {
+            let mut changed = false;
+            for u in 0..n {
+                if dist[u].is_infinite() {
+                    continue;
+                }
+                for &e in &adj[u] {
+                    let Edge { to, cap, cost } = edges[e];
+                    if cap > 0 && dist[u] + cost < dist[to] - 1e-12 {
+                        dist[to] = dist[u] + cost;
+                        prev[to] = Some(e);
+                        changed = true;
+                    }
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        if dist[sink].is_infinite() || dist[sink] >= -1e-12 {
+            break; // no augmenting path improves the total
+        }
+        let mut v = sink;
+        while let Some(e) = prev[v] {
+            edges[e].cap -= 1;
+            edges[e ^ 1].cap += 1;
+            v = edges[e ^ 1].to;
+        }
+    }
+    let mut out = vec![None; options.len()];
+    for (t, ch) in choice_edges.iter().enumerate() {
+        out[t] = ch.iter().find(|(e, _)| edges[*e].cap == 0).map(|(_, i)| *i);
+    }
     out
 }
 
@@ -281,6 +412,62 @@ mod tests {
         );
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].agent, a.agent);
+    }
+
+    fn cand(name: &str, score: f32) -> Candidate {
+        Candidate {
+            agent: AgentId::new(
+                sample::key(1).node_id(),
+                crate::AgentName::new(name).expect("name"),
+            ),
+            version: 1,
+            alpha: score,
+            score,
+        }
+    }
+
+    #[test]
+    fn batch_assignment_maximises_the_total_not_each_task_greedily() {
+        // Greedy (t1→A, t2→B) totals 1.0; the optimum (t1→B, t2→A) totals 1.65.
+        let options = vec![
+            vec![cand("a", 0.9), cand("b", 0.85)],
+            vec![cand("a", 0.8), cand("b", 0.1)],
+        ];
+        assert_eq!(assign_batch(&options, |_| 1), vec![Some(1), Some(0)]);
+        // With two slots on A, both tasks take their favourite (total 1.7).
+        assert_eq!(assign_batch(&options, |_| 2), vec![Some(0), Some(0)]);
+        // No capacity anywhere: nothing assigned.
+        assert_eq!(assign_batch(&options, |_| 0), vec![None, None]);
+    }
+
+    #[test]
+    fn batch_assignment_respects_capacity_and_leaves_the_rest_waiting() {
+        let options: Vec<Vec<Candidate>> = (0..5)
+            .map(|i| vec![cand("a", 0.5 + i as f32 / 100.0)])
+            .collect();
+        let got = assign_batch(&options, |_| 2);
+        assert_eq!(got.iter().filter(|c| c.is_some()).count(), 2);
+        // The two best-scoring tasks win the two slots.
+        assert_eq!(got[3], Some(0));
+        assert_eq!(got[4], Some(0));
+    }
+
+    #[test]
+    fn feedback_factor_moves_traffic_away() {
+        let a = agent(1, "a", 20);
+        let mut b = agent(1, "b", 20);
+        b.capability = a.capability.clone();
+        let agents = [a.clone(), b.clone()];
+        let bad_a = |x: &AgentId| if x == &a.agent { 0.2 } else { 1.0 };
+        let r = rank_with(
+            &task_like(20),
+            &agents,
+            |_| 0,
+            bad_a,
+            &[],
+            &RouterParams::default(),
+        );
+        assert_eq!(r[0].agent, b.agent);
     }
 
     #[test]

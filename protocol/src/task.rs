@@ -18,7 +18,35 @@ use serde::{Deserialize, Serialize};
 use crate::keys::{AgentId, NodeId};
 use crate::message::{Outcome, TaskId, TaskSpec};
 use crate::registry::Registry;
-use crate::router::{Candidate, RouterParams, rank};
+use crate::router::{Candidate, RouterParams, assign_batch, rank_with};
+
+/// Most agents whose observed performance is remembered (oldest-updated evicted first).
+pub const MAX_AGENT_STATS: usize = 100_000;
+/// Latency at which the latency factor of an agent's performance halves, in ms.
+pub const LATENCY_HALF_MS: f64 = 10_000.0;
+
+/// Observed behaviour of one agent: the population-level feedback of routing.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AgentStats {
+    /// Attempts that returned a result.
+    pub successes: u32,
+    /// Attempts that failed or timed out.
+    pub failures: u32,
+    /// Exponentially weighted mean latency of successful attempts, in ms.
+    pub latency_ms: f64,
+    /// Last update, ms since the epoch.
+    pub updated_ms: u64,
+}
+
+impl AgentStats {
+    /// `perf` in `(0, 1]`: the Laplace-smoothed success rate times a latency factor
+    /// `1 / (1 + latency / LATENCY_HALF_MS)`. A new agent starts at 0.5 × 1.
+    pub fn perf(&self) -> f32 {
+        let success = (f64::from(self.successes) + 1.0)
+            / (f64::from(self.successes) + f64::from(self.failures) + 2.0);
+        (success / (1.0 + self.latency_ms / LATENCY_HALF_MS)) as f32
+    }
+}
 
 /// Where a task stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -208,6 +236,8 @@ pub struct Tasks {
     inflight: HashMap<AgentId, u16>,
     remote_load: HashMap<AgentId, u16>,
     live: usize,
+    stats: HashMap<AgentId, AgentStats>,
+    attempt_started: HashMap<TaskId, u64>,
 }
 
 impl Tasks {
@@ -220,6 +250,8 @@ impl Tasks {
             inflight: HashMap::new(),
             remote_load: HashMap::new(),
             live: 0,
+            stats: HashMap::new(),
+            attempt_started: HashMap::new(),
         }
     }
 
@@ -375,6 +407,7 @@ impl Tasks {
             return vec![];
         }
         self.release(agent);
+        self.observe(agent, task, matches!(outcome, Outcome::Ok(_)), now_ms);
         let mut out = Vec::new();
         match outcome {
             Outcome::Ok(_) => self.finish(task, TaskState::Completed, outcome, now_ms, &mut out),
@@ -466,6 +499,7 @@ impl Tasks {
                 )
             })
             .collect();
+        let mut waiting = Vec::new();
         for (id, state, deadline, attempt_deadline, agent) in live {
             let running = matches!(state, TaskState::Assigned | TaskState::Running);
             if now_ms >= deadline {
@@ -482,6 +516,7 @@ impl Tasks {
             } else if running && now_ms >= attempt_deadline {
                 if let Some(a) = &agent {
                     self.release(a);
+                    self.observe(a, id, false, now_ms);
                 }
                 let who = agent.map(|a| a.to_string()).unwrap_or_default();
                 self.retry(
@@ -492,10 +527,105 @@ impl Tasks {
                     &mut out,
                 );
             } else if matches!(state, TaskState::Accepted | TaskState::Routed) {
-                self.route(id, registry, now_ms, &mut out);
+                waiting.push(id);
+            }
+        }
+        if waiting.len() == 1 {
+            self.route(waiting[0], registry, now_ms, &mut out);
+        } else {
+            for batch in waiting.chunks(crate::router::MAX_ASSIGN_BATCH) {
+                self.route_batch(batch, registry, now_ms, &mut out);
             }
         }
         out
+    }
+
+    /// The observed performance of `agent` (FoA's `perf`), 0.5 when nothing is known.
+    pub fn perf(&self, agent: &AgentId) -> f32 {
+        self.stats.get(agent).map_or(0.5, AgentStats::perf)
+    }
+
+    /// The observed statistics of `agent`.
+    pub fn stats(&self, agent: &AgentId) -> Option<&AgentStats> {
+        self.stats.get(agent)
+    }
+
+    fn observe(&mut self, agent: &AgentId, task: TaskId, ok: bool, now_ms: u64) {
+        let started = self.attempt_started.remove(&task);
+        if !self.stats.contains_key(agent) && self.stats.len() >= MAX_AGENT_STATS {
+            let oldest = self
+                .stats
+                .iter()
+                .min_by_key(|(_, s)| s.updated_ms)
+                .map(|(a, _)| a.clone());
+            if let Some(a) = oldest {
+                self.stats.remove(&a);
+            }
+        }
+        let s = self.stats.entry(agent.clone()).or_default();
+        s.updated_ms = now_ms;
+        if ok {
+            s.successes = s.successes.saturating_add(1);
+            if let Some(t) = started {
+                let ms = now_ms.saturating_sub(t) as f64;
+                s.latency_ms = if s.successes == 1 {
+                    ms
+                } else {
+                    0.8 * s.latency_ms + 0.2 * ms
+                };
+            }
+        } else {
+            s.failures = s.failures.saturating_add(1);
+        }
+    }
+
+    fn candidates(&self, id: TaskId, registry: &Registry) -> Vec<Candidate> {
+        let Some(r) = self.tasks.get(&id) else {
+            return Vec::new();
+        };
+        rank_with(
+            &r.spec,
+            registry.iter().map(|e| &e.vcv),
+            |a| self.load(a),
+            |a| self.perf(a),
+            &r.tried,
+            &self.params.router,
+        )
+    }
+
+    /// Routes several waiting tasks together with FoA Eq. 3 ([`assign_batch`]): the total score
+    /// is maximised under every agent's free capacity, instead of first-come-first-served.
+    fn route_batch(
+        &mut self,
+        ids: &[TaskId],
+        registry: &Registry,
+        now_ms: u64,
+        out: &mut Vec<Output>,
+    ) {
+        let options: Vec<Vec<Candidate>> = ids
+            .iter()
+            .map(|id| self.candidates(*id, registry))
+            .collect();
+        let caps: HashMap<&AgentId, u16> = registry
+            .iter()
+            .map(|e| {
+                (
+                    &e.vcv.agent,
+                    e.vcv
+                        .resources
+                        .capacity
+                        .max(1)
+                        .saturating_sub(self.load(&e.vcv.agent)),
+                )
+            })
+            .collect();
+        let chosen = assign_batch(&options, |a| caps.get(a).copied().unwrap_or(0));
+        for ((id, opts), choice) in ids.iter().zip(options).zip(chosen) {
+            match choice.and_then(|i| opts.into_iter().nth(i)) {
+                Some(c) => self.assign(*id, c, now_ms, out),
+                None => self.mark_waiting(*id, now_ms, out),
+            }
+        }
     }
 
     /// Drops final, delivered tasks last updated before `before_ms`. Returns their ids, so the
@@ -554,38 +684,39 @@ impl Tasks {
     }
 
     fn route(&mut self, id: TaskId, registry: &Registry, now_ms: u64, out: &mut Vec<Output>) {
-        let Some(r) = self.tasks.get(&id) else { return };
-        let candidates: Vec<Candidate> = rank(
-            &r.spec,
-            registry.iter().map(|e| &e.vcv),
-            |a| self.load(a),
-            &r.tried,
-            &self.params.router,
-        );
-        let Some(best) = candidates.into_iter().next() else {
-            if r.state == TaskState::Accepted {
-                let Some(r) = self.tasks.get_mut(&id) else {
-                    return;
-                };
-                r.state = TaskState::Routed;
-                r.updated_at_ms = now_ms;
-                out.push(Output::Persist(Box::new(r.clone())));
-                out.push(notify(
-                    r,
-                    TaskEvent::Status {
-                        state: TaskState::Routed,
-                        agent: None,
-                        note: Some("waiting: no matching agent with spare capacity".into()),
-                    },
-                ));
-            }
+        match self.candidates(id, registry).into_iter().next() {
+            Some(best) => self.assign(id, best, now_ms, out),
+            None => self.mark_waiting(id, now_ms, out),
+        }
+    }
+
+    fn mark_waiting(&mut self, id: TaskId, now_ms: u64, out: &mut Vec<Output>) {
+        let Some(r) = self.tasks.get_mut(&id) else {
             return;
         };
-        *self.inflight.entry(best.agent.clone()).or_default() += 1;
+        if r.state != TaskState::Accepted {
+            return;
+        }
+        r.state = TaskState::Routed;
+        r.updated_at_ms = now_ms;
+        out.push(Output::Persist(Box::new(r.clone())));
+        out.push(notify(
+            r,
+            TaskEvent::Status {
+                state: TaskState::Routed,
+                agent: None,
+                note: Some("waiting: no matching agent with spare capacity".into()),
+            },
+        ));
+    }
+
+    fn assign(&mut self, id: TaskId, best: Candidate, now_ms: u64, out: &mut Vec<Output>) {
         let timeout = self.params.attempt_timeout_ms;
         let Some(r) = self.tasks.get_mut(&id) else {
             return;
         };
+        *self.inflight.entry(best.agent.clone()).or_default() += 1;
+        self.attempt_started.insert(id, now_ms);
         r.state = TaskState::Assigned;
         r.agent = Some(best.agent.clone());
         r.attempts += 1;

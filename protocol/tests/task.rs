@@ -251,3 +251,33 @@ fn overload_is_refused() {
     let s2 = sample::task(&sample::key(1), "r2", NOW);
     assert!(t.submit(s2, requester(), &reg, NOW).is_err());
 }
+
+#[test]
+fn agents_that_fail_lose_traffic() {
+    let reg = registry(&["a", "b"]);
+    let mut t = Tasks::new(sample::key(1).node_id(), params());
+    // Equal similarity: the tie goes to `a` first.
+    let first =
+        delivered_to(&t.submit(spec(), requester(), &reg, NOW).expect("submit")).expect("first");
+    assert_eq!(first.name.as_str(), "a");
+    let out = t.result(
+        &first,
+        spec().id,
+        Outcome::Failed("boom".into()),
+        &reg,
+        NOW + 1,
+    );
+    let second = delivered_to(&out).expect("retried on b");
+    t.result(&second, spec().id, Outcome::Ok(vec![]), &reg, NOW + 2);
+    assert!(
+        t.perf(&first) < t.perf(&second),
+        "{} vs {}",
+        t.perf(&first),
+        t.perf(&second)
+    );
+    // The next task now goes to `b`, although `a` would win the tie.
+    let mut s2 = sample::task(&sample::key(1), "r2", NOW);
+    s2.requirement = spec().requirement;
+    let out = t.submit(s2, requester(), &reg, NOW + 3).expect("submit 2");
+    assert_eq!(delivered_to(&out), Some(second));
+}
