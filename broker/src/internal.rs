@@ -28,6 +28,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::codec::{self, Connect, Properties, Version};
 use crate::error::BrokerError;
+use crate::nodelay::{self, Mechanism, NodelayError};
 
 /// How long a retired listener lets its proxied connections finish.
 const DRAIN_GRACE: Duration = Duration::from_secs(60);
@@ -132,6 +133,9 @@ pub(crate) struct InternalConfig {
     /// rumqttd's frame limit; set a little above the proxy's so the proxy's binds first.
     pub(crate) max_payload_size: usize,
     pub(crate) connection_timeout_ms: u16,
+    /// Set TCP_NODELAY on rumqttd's listening sockets (see [`nodelay`]); tests turn it
+    /// off to show the delayed-ACK stalls and the fallback.
+    pub(crate) listener_nodelay: bool,
 }
 
 /// A running internal listener.
@@ -141,6 +145,8 @@ pub(crate) struct InternalListener {
     pub(crate) version: Version,
     /// Proxy connections currently using this listener.
     pub(crate) active: Arc<AtomicUsize>,
+    /// How the sockets rumqttd accepts here avoid delayed-ACK stalls.
+    pub(crate) mechanism: Mechanism,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -150,6 +156,7 @@ impl InternalListener {
         Endpoint {
             addr: self.addr,
             active: self.active.clone(),
+            quickack: self.mechanism == Mechanism::QuickAck,
         }
     }
 }
@@ -169,6 +176,8 @@ impl Drop for InternalListener {
 pub(crate) struct Endpoint {
     pub(crate) addr: SocketAddr,
     pub(crate) active: Arc<AtomicUsize>,
+    /// rumqttd's accepted sockets lack TCP_NODELAY: re-arm TCP_QUICKACK after each read.
+    pub(crate) quickack: bool,
 }
 
 /// The current endpoints, swapped by the watchdog.
@@ -344,6 +353,23 @@ fn run_listener(
     // Dropping the runtime cancels whatever is left.
 }
 
+/// Sets TCP_NODELAY on rumqttd's listening socket at `addr` once rumqttd has bound it
+/// (waiting at most until `deadline`); the fallback mechanism if that is impossible.
+fn listener_nodelay(addr: SocketAddr, deadline: Instant) -> Mechanism {
+    loop {
+        match nodelay::set_listener_nodelay(addr) {
+            Ok(()) => return Mechanism::ListenerNodelay,
+            Err(NodelayError::NotFound(_)) if Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => {
+                warn!(%addr, error = %e, "cannot set TCP_NODELAY on rumqttd's internal listener; the proxy re-arms TCP_QUICKACK instead");
+                return Mechanism::QuickAck;
+            }
+        }
+    }
+}
+
 /// Starts an internal listener on a free loopback port and waits until it serves
 /// (blocking).
 pub(crate) fn spawn_listener(
@@ -358,10 +384,11 @@ pub(crate) fn spawn_listener(
             free_loopback_port().map_err(|e| BrokerError::InternalListener(e.to_string()))?;
         let (stop_tx, stop_rx) = oneshot::channel();
         let active = Arc::new(AtomicUsize::new(0));
-        let listener = InternalListener {
+        let mut listener = InternalListener {
             addr,
             version,
             active: active.clone(),
+            mechanism: Mechanism::QuickAck,
             stop: Some(stop_tx),
         };
         let settings = server_settings(addr, version, cfg);
@@ -371,11 +398,17 @@ pub(crate) fn spawn_listener(
             .spawn(move || run_listener(router2, version, settings, stop_rx, active))
             .map_err(BrokerError::Thread)?;
         let deadline = Instant::now() + START_DEADLINE;
+        // Before anything connects: rumqttd's accepted sockets inherit TCP_NODELAY.
+        listener.mechanism = if cfg.listener_nodelay {
+            listener_nodelay(addr, deadline)
+        } else {
+            Mechanism::QuickAck
+        };
         loop {
             let id = probe_ids.current(version);
             match probe(addr, version, &cfg.auth, &id, Duration::from_secs(1)) {
                 Ok(()) => {
-                    info!(%addr, ?version, "rumqttd internal listener up");
+                    info!(%addr, ?version, nodelay = listener.mechanism.as_str(), "rumqttd internal listener up");
                     return Ok(listener);
                 }
                 Err(e) => {

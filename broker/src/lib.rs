@@ -12,7 +12,15 @@
 //! own the public listeners and put a small MQTT-aware proxy in front of
 //! rumqttd, which listens only on loopback ports with a random per-process login:
 //!
-//! * every socket (client and upstream) gets TCP_NODELAY;
+//! * every socket (client and upstream) gets TCP_NODELAY, rumqttd's side of the
+//!   proxied connections included: rumqttd never sets it, so before anything connects
+//!   we set it on rumqttd's *listening* socket, which Linux copies to every socket it
+//!   accepts. That socket is a descriptor of this process, reached without `unsafe`
+//!   through `pidfd_getfd` on our own pid. Where that is impossible (no `pidfd_getfd`,
+//!   seccomp), the proxy re-arms TCP_QUICKACK on its upstream socket after every read
+//!   instead. Why this and not a patched rumqttd, and how to see which is active: the
+//!   `nodelay` module, [`Broker::nodelay_mechanism`] and the `internal_listeners_nodelay`
+//!   gauge;
 //! * the CONNECT is read within `connect_timeout` and size-capped, then checked: client
 //!   id `[A-Za-z0-9_.-]{1,64}` (or assigned `anon-…` when empty), credentials
 //!   ([`CredentialStore`]), anonymous policy, will topic against the ACL; refusals get a
@@ -82,6 +90,7 @@ mod error;
 mod internal;
 pub mod link;
 mod metrics;
+mod nodelay;
 mod proxy;
 mod sessions;
 mod settings;
@@ -103,6 +112,7 @@ pub use credentials::CredentialStore;
 pub use error::BrokerError;
 pub use link::{Inbound, Outbound, Qos};
 pub use metrics::MetricsSnapshot;
+pub use nodelay::Mechanism as NodelayMechanism;
 pub use settings::{BrokerLimits, BrokerSettings};
 
 use crate::codec::Version;
@@ -256,6 +266,7 @@ impl Broker {
             max_payload_size: limits.max_frame_bytes + 1024,
             connection_timeout_ms: u16::try_from(settings.connect_timeout.as_millis())
                 .unwrap_or(u16::MAX),
+            listener_nodelay: defences.listener_nodelay,
         };
         let router = Arc::new(RouterHandle::spawn(limits.router_config()));
         // The node link first: rumqttd reuses connection ids (slab slots) and may deliver
@@ -285,6 +296,10 @@ impl Broker {
             listeners: Mutex::new(Some(Listeners { v4, v5 })),
             endpoints: endpoints_tx,
         });
+        Metrics::set(
+            &metrics.internal_listeners_nodelay,
+            internal.nodelay_count(),
+        );
         let shared = Arc::new(ProxyShared {
             metrics: metrics.clone(),
             limits: limits.clone(),
@@ -377,6 +392,12 @@ impl Broker {
     /// Current counters.
     pub fn metrics(&self) -> MetricsSnapshot {
         self.metrics.snapshot()
+    }
+
+    /// How rumqttd's side of the proxy → rumqttd connections avoids delayed-ACK stalls
+    /// (see the crate docs); also the `internal_listeners_nodelay` gauge.
+    pub fn nodelay_mechanism(&self) -> NodelayMechanism {
+        self.internal.mechanism()
     }
 
     /// Current health.

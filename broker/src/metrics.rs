@@ -11,7 +11,8 @@ macro_rules! metrics {
         }
 
         /// A point-in-time copy of the broker's counters, for the node's Prometheus export.
-        /// All are monotonic counters except `connections_active` (a gauge).
+        /// All are monotonic counters except `connections_active` and
+        /// `internal_listeners_nodelay` (gauges).
         #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
         pub struct MetricsSnapshot {
             $( $(#[$doc])* pub $name: u64, )*
@@ -77,6 +78,12 @@ metrics! {
     watchdog_failures,
     /// rumqttd internal listeners replaced by the watchdog.
     listener_restarts,
+    /// Current rumqttd internal listeners (of 2) whose accepted sockets get TCP_NODELAY
+    /// from their listening socket (gauge; see `Mechanism`).
+    internal_listeners_nodelay,
+    /// Proxied connections that re-arm TCP_QUICKACK because their internal listener
+    /// lacks TCP_NODELAY (the fallback mechanism).
+    upstream_quickack_connections,
 }
 
 impl Metrics {
@@ -86,6 +93,10 @@ impl Metrics {
 
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set(gauge: &AtomicU64, v: u64) {
+        gauge.store(v, Ordering::Relaxed);
     }
 
     pub(crate) fn dec(counter: &AtomicU64) {

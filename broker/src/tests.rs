@@ -123,6 +123,7 @@ async fn alias_regression_test_fails_without_the_defence() {
     let off = Defences {
         strip_topic_alias_max: false,
         refuse_server_aliases: false,
+        ..Defences::default()
     };
     let (broker, _inbound) = Broker::start_with(settings(), off).unwrap();
     let got = alias_scenario(broker.local_addr_v5().unwrap()).await;
@@ -138,6 +139,7 @@ async fn alias_regression_test_fails_without_the_defence() {
     let second = Defences {
         strip_topic_alias_max: false,
         refuse_server_aliases: true,
+        ..Defences::default()
     };
     let (broker, _inbound) = Broker::start_with(settings(), second).unwrap();
     let got = alias_scenario(broker.local_addr_v5().unwrap()).await;
@@ -188,6 +190,8 @@ async fn watchdog_replaces_a_poisoned_listener() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(broker.health(), Health::Healthy);
+    // The replacement listener got TCP_NODELAY too.
+    assert_eq!(broker.metrics().internal_listeners_nodelay, 2);
 
     // Clients are served again through the proxy.
     let addr = broker.local_addr_v4();
@@ -209,5 +213,131 @@ async fn watchdog_replaces_a_poisoned_listener() {
     .await
     .unwrap();
     assert_eq!(&got.payload[..], b"ok");
+    #[cfg(target_os = "linux")]
+    {
+        let sides = crate::nodelay::accepted_nodelay(new);
+        assert!(!sides.is_empty() && sides.iter().all(|&n| n), "{sides:?}");
+    }
+    broker.shutdown().await;
+}
+
+/// A v4 client with TCP_NODELAY (rumqttc's default is Nagle on, which alone stalls a
+/// round trip by 40 ms), once its SUBACK for `filter` arrived.
+async fn nodelay_client(
+    addr: SocketAddr,
+    id: &str,
+    filter: &str,
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let mut o = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(5));
+    let (c, mut el) = rumqttc::AsyncClient::new(o, 16);
+    el.network_options.set_tcp_nodelay(true);
+    c.subscribe(filter, rumqttc::QoS::AtMostOnce).await.unwrap();
+    timeout(WAIT, async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) = el.poll().await.unwrap() {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    (c, el)
+}
+
+/// Sequential round trips through the proxy: a publisher sends one QoS 0 message, a
+/// subscriber on another connection receives it, repeat. rumqttd writes each delivery
+/// to the subscriber's proxied connection while its previous one is still unacked by
+/// the proxy (the subscriber never writes back), which is what Nagle delays until the
+/// delayed ACK. Returns the sorted durations.
+async fn round_trips(addr: SocketAddr, id: &str, n: usize) -> Vec<Duration> {
+    let topic = format!("rtt/{id}");
+    let (sub, mut sub_el) = nodelay_client(addr, &format!("{id}-sub"), &topic).await;
+    let (publ, mut pub_el) = nodelay_client(addr, &format!("{id}-pub"), "rtt/none").await;
+    tokio::spawn(async move { while pub_el.poll().await.is_ok() {} });
+    let mut took = Vec::with_capacity(n);
+    for i in 0..n {
+        let start = tokio::time::Instant::now();
+        publ.publish(&topic, rumqttc::QoS::AtMostOnce, false, i.to_string())
+            .await
+            .unwrap();
+        timeout(WAIT, async {
+            loop {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(_)) =
+                    sub_el.poll().await.unwrap()
+                {
+                    return;
+                }
+            }
+        })
+        .await
+        .unwrap();
+        took.push(start.elapsed());
+    }
+    let _ = publ.disconnect().await;
+    let _ = sub.disconnect().await;
+    took.sort();
+    took
+}
+
+/// rumqttd's side of the proxied connections gets TCP_NODELAY (inherited from its
+/// listening socket), and round trips are free of delayed-ACK stalls. With the fix and
+/// its fallback off, the same sockets have Nagle on and the round trips stall: that is
+/// the 40 ms defect of BENCHMARKS.md.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn rumqttd_side_of_proxied_connections_has_nodelay() {
+    use crate::nodelay::{Mechanism, accepted_nodelay};
+
+    let (broker, _inbound) = Broker::start(settings()).unwrap();
+    assert_eq!(broker.nodelay_mechanism(), Mechanism::ListenerNodelay);
+    assert_eq!(broker.metrics().internal_listeners_nodelay, 2);
+    let internal = broker.internal.addr_of(Version::V4);
+    let took = round_trips(broker.local_addr_v4(), "nd-on", 40).await;
+    let sides = accepted_nodelay(internal);
+    assert!(!sides.is_empty() && sides.iter().all(|&n| n), "{sides:?}");
+    let median = took[took.len() / 2];
+    assert!(
+        median < Duration::from_millis(10),
+        "median {median:?}: {took:?}"
+    );
+    assert_eq!(broker.metrics().upstream_quickack_connections, 0);
+    broker.shutdown().await;
+
+    // The defect, for comparison: no NODELAY on rumqttd's side, no fallback.
+    let off = Defences {
+        listener_nodelay: false,
+        upstream_quickack: false,
+        ..Defences::default()
+    };
+    let (broker, _inbound) = Broker::start_with(settings(), off).unwrap();
+    assert_eq!(broker.nodelay_mechanism(), Mechanism::QuickAck);
+    assert_eq!(broker.metrics().internal_listeners_nodelay, 0);
+    let internal = broker.internal.addr_of(Version::V4);
+    let slow = round_trips(broker.local_addr_v4(), "nd-off", 40).await;
+    let sides = accepted_nodelay(internal);
+    assert!(!sides.is_empty() && sides.iter().all(|&n| !n), "{sides:?}");
+    let worst = slow[slow.len() - 1];
+    assert!(
+        worst >= Duration::from_millis(30),
+        "expected a delayed-ACK stall: {slow:?}"
+    );
+    broker.shutdown().await;
+}
+
+/// The fallback: without TCP_NODELAY on rumqttd's side, re-arming TCP_QUICKACK on the
+/// proxy's upstream socket keeps round trips free of delayed-ACK stalls.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn quickack_fallback_avoids_stalls() {
+    let fallback = Defences {
+        listener_nodelay: false,
+        ..Defences::default()
+    };
+    let (broker, _inbound) = Broker::start_with(settings(), fallback).unwrap();
+    let took = round_trips(broker.local_addr_v4(), "qa", 40).await;
+    assert!(broker.metrics().upstream_quickack_connections >= 1);
+    let p90 = took[took.len() * 9 / 10];
+    assert!(p90 < Duration::from_millis(10), "p90 {p90:?}: {took:?}");
     broker.shutdown().await;
 }

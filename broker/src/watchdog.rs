@@ -27,6 +27,7 @@ use crate::internal::{
     Endpoints, InternalConfig, InternalListener, ProbeIds, RouterHandle, probe, spawn_listener,
 };
 use crate::metrics::Metrics;
+use crate::nodelay::Mechanism;
 
 /// Time between probe rounds.
 pub(crate) const PROBE_INTERVAL: Duration = Duration::from_secs(1);
@@ -43,6 +44,14 @@ pub(crate) struct Listeners {
 }
 
 impl Listeners {
+    /// Listeners whose accepted sockets get TCP_NODELAY.
+    pub(crate) fn nodelay_count(&self) -> u64 {
+        [&self.v4, &self.v5]
+            .iter()
+            .filter(|l| l.mechanism == Mechanism::ListenerNodelay)
+            .count() as u64
+    }
+
     fn get_mut(&mut self, v: Version) -> &mut InternalListener {
         match v {
             Version::V4 => &mut self.v4,
@@ -63,6 +72,27 @@ pub(crate) struct Internal {
 }
 
 impl Internal {
+    /// The mechanism in use: [`Mechanism::QuickAck`] if any current listener needs it.
+    pub(crate) fn mechanism(&self) -> Mechanism {
+        let guard = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_ref() {
+            Some(l) if l.nodelay_count() < 2 => Mechanism::QuickAck,
+            _ => Mechanism::ListenerNodelay,
+        }
+    }
+
+    /// The current internal listener address for `version`.
+    #[cfg(test)]
+    pub(crate) fn addr_of(&self, version: Version) -> std::net::SocketAddr {
+        e_addr(&self.endpoints, version)
+    }
+
+    /// Current listeners whose accepted sockets get TCP_NODELAY.
+    pub(crate) fn nodelay_count(&self) -> u64 {
+        let guard = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().map_or(0, Listeners::nodelay_count)
+    }
+
     /// Stops both listeners (their connections drain).
     pub(crate) fn retire_all(&self) {
         let old = self
@@ -149,6 +179,10 @@ pub(crate) async fn run(
                 match internal.restart(version).await {
                     Ok(()) => {
                         Metrics::inc(&metrics.listener_restarts);
+                        Metrics::set(
+                            &metrics.internal_listeners_nodelay,
+                            internal.nodelay_count(),
+                        );
                         failures[i] = 0;
                     }
                     Err(BrokerError::Stopped) => return,
