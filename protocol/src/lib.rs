@@ -12,11 +12,15 @@
 //! * [`envelope`]: the one canonical signed encoding; [`open`] turns bytes into a verified
 //!   [`Envelope`] or a typed [`Rejection`].
 //! * [`limits`]: every limit as a named constant.
+//! * [`gossip`]: the replicated capability registry of one node (eager push, re-advertisement,
+//!   expiry, anti-entropy), sans-IO.
+//! * [`sim`]: a deterministic discrete-event simulator over many [`gossip::Federation`]s.
 
 #![deny(missing_docs)]
 
 pub mod envelope;
 pub mod error;
+pub mod gossip;
 pub mod keys;
 pub mod limits;
 pub mod message;
@@ -24,6 +28,7 @@ pub mod registry;
 pub mod router;
 #[doc(hidden)]
 pub mod sample;
+pub mod sim;
 pub mod task;
 pub mod vcv;
 
