@@ -7,6 +7,7 @@ mod http;
 mod keyfile;
 mod metrics;
 mod node;
+mod p2p;
 mod store;
 
 use std::path::{Path, PathBuf};

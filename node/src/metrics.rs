@@ -23,6 +23,18 @@ impl Kind {
     }
 }
 
+/// A peer and a reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerReason {
+    /// The peer (libp2p PeerId), or "other" past [`MAX_PEER_LABELS`] distinct peers.
+    pub peer: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// Distinct peer labels kept in `fedmesh_p2p_rejected` (bounds the metric's cardinality).
+pub const MAX_PEER_LABELS: usize = 256;
+
 /// Every metric the node exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -46,6 +58,16 @@ pub struct Metrics {
     pub broker: Family<Kind, Gauge<u64, AtomicU64>>,
     /// 1 when the broker's watchdog reports healthy.
     pub broker_healthy: Gauge,
+    /// Federation messages rejected or ignored, by forwarding peer and reason.
+    pub p2p_rejected: Family<PeerReason, Counter>,
+    /// Peers seen in `p2p_rejected` labels.
+    rejected_peers: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Federation messages received, by topic or kind.
+    pub p2p_in: Family<Kind, Counter>,
+    /// Federation messages sent, by topic or kind.
+    pub p2p_out: Family<Kind, Counter>,
+    /// Connected libp2p peers.
+    pub p2p_peers: Gauge,
 }
 
 impl Metrics {
@@ -62,6 +84,11 @@ impl Metrics {
             queue_dropped: Family::default(),
             broker: Family::default(),
             broker_healthy: Gauge::default(),
+            p2p_rejected: Family::default(),
+            rejected_peers: Default::default(),
+            p2p_in: Family::default(),
+            p2p_out: Family::default(),
+            p2p_peers: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("fedmesh");
         r.register(
@@ -106,7 +133,54 @@ impl Metrics {
             "1 when the broker watchdog reports healthy",
             m.broker_healthy.clone(),
         );
+        r.register(
+            "p2p_rejected",
+            "Federation messages rejected or ignored, by forwarding peer and reason",
+            m.p2p_rejected.clone(),
+        );
+        r.register(
+            "p2p_in",
+            "Federation messages received, by topic or kind",
+            m.p2p_in.clone(),
+        );
+        r.register(
+            "p2p_out",
+            "Federation messages sent, by topic or kind",
+            m.p2p_out.clone(),
+        );
+        r.register("p2p_peers", "Connected libp2p peers", m.p2p_peers.clone());
         m
+    }
+
+    /// Counts one rejected federation message from `peer`.
+    pub fn p2p_reject(&self, peer: &str, reason: &str) {
+        let mut seen = self
+            .rejected_peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let peer = if seen.contains(peer) || seen.len() < MAX_PEER_LABELS {
+            seen.insert(peer.to_string());
+            peer.to_string()
+        } else {
+            "other".to_string()
+        };
+        self.p2p_rejected
+            .get_or_create(&PeerReason {
+                peer,
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Rejections counted for `peer` and `reason`.
+    #[cfg(test)]
+    pub fn p2p_rejected_count(&self, peer: &str, reason: &str) -> u64 {
+        self.p2p_rejected
+            .get_or_create(&PeerReason {
+                peer: peer.to_string(),
+                reason: reason.to_string(),
+            })
+            .get()
     }
 
     /// Counts one error.

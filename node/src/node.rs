@@ -6,6 +6,8 @@
 //! arrive as ticks. Nothing in here blocks on a peer: publishes go into the broker's bounded
 //! queue and a full queue is counted as a drop.
 
+mod federation;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -20,7 +22,8 @@ use fedmesh_protocol::registry::{Entry, InsertError, Registry};
 use fedmesh_protocol::router::RouterParams;
 use fedmesh_protocol::task::{Output, Requester, TaskEvent, TaskParams, Tasks};
 use fedmesh_protocol::{
-    AgentId, AgentName, Embedding, Message, NodeId, NodeKey, Rejection, TaskId, TaskSpec, Vcv,
+    AgentId, AgentLoad, AgentName, Embedding, Message, NodeId, NodeKey, Rejection, TaskId,
+    TaskSpec, Vcv,
 };
 use tokio::sync::mpsc;
 
@@ -28,6 +31,7 @@ use crate::api::{self, AgentOp, ApiError, ClientOp};
 use crate::audit::AuditLog;
 use crate::http::{self, Shared};
 use crate::metrics::{Kind, Metrics};
+use crate::p2p;
 use crate::store::{Store, Write};
 
 /// Most inbound messages handled in one batch (one flush).
@@ -103,6 +107,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         None => None,
     };
 
+    if cfg.p2p.quic {
+        tracing::warn!("p2p.quic = true: this build has no QUIC transport; using TCP only");
+    }
+    if cfg.p2p.mdns {
+        tracing::warn!("p2p.mdns = true: mDNS discovery is not built in; use p2p.bootstrap");
+    }
+    let swarm = p2p::tcp_swarm(&key, &cfg).context("starting libp2p")?;
+    let (p2p, p2p_events) =
+        p2p::start(swarm, &cfg.p2p.listen, &cfg.p2p.bootstrap, metrics.clone())?;
     let mut node = Node::new(
         cfg,
         key,
@@ -112,6 +125,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         broker.clone(),
         metrics,
         shared,
+        p2p,
     );
     node.restore().await?;
     eprintln!("fedmesh node {}", node.id);
@@ -124,7 +138,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         eprintln!("  http       http://{a}/status  /metrics  /healthz");
     }
     eprintln!("  agents: connect with any MQTT client; see docs/agent-api.md");
-    node.event_loop(inbound).await
+    node.event_loop(inbound, p2p_events).await
 }
 
 /// This node's record of one of its own agents.
@@ -152,6 +166,12 @@ struct Node {
     data_dir: PathBuf,
     /// Something changed since `/status` was last refreshed (refreshed at most once a tick).
     dirty: bool,
+    /// The libp2p swarm task.
+    p2p: p2p::Handle,
+    /// Federation state (hosted tasks, outbox, pending requests).
+    fed: federation::Fed,
+    /// Writes were applied outside `execute` and wait for the next flush.
+    unflushed: bool,
 }
 
 impl Node {
@@ -165,6 +185,7 @@ impl Node {
         broker: Arc<Broker>,
         metrics: Arc<Metrics>,
         shared: Arc<Shared>,
+        p2p: p2p::Handle,
     ) -> Self {
         let id = key.node_id();
         let params = TaskParams {
@@ -195,6 +216,9 @@ impl Node {
             pending: Vec::new(),
             last_checkpoint: Instant::now(),
             dirty: true,
+            p2p,
+            fed: federation::Fed::new(),
+            unflushed: false,
         }
     }
 
@@ -224,6 +248,7 @@ impl Node {
                 Err(e) => tracing::info!(reason = %e, "dropping a stored VCV"),
             }
         }
+        self.restore_hosted();
         let records = self.store.tasks();
         let n = records.len();
         let outputs = self.tasks.restore(records);
@@ -239,7 +264,11 @@ impl Node {
         Ok(())
     }
 
-    async fn event_loop(mut self, mut inbound: mpsc::Receiver<Inbound>) -> anyhow::Result<()> {
+    async fn event_loop(
+        mut self,
+        mut inbound: mpsc::Receiver<Inbound>,
+        mut p2p_events: mpsc::Receiver<p2p::Event>,
+    ) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut status_every = 0u32;
@@ -262,13 +291,30 @@ impl Node {
                     self.execute(outputs).await?;
                     self.dirty = true;
                 }
+                ev = p2p_events.recv() => {
+                    let Some(first) = ev else {
+                        anyhow::bail!("the libp2p task ended");
+                    };
+                    self.p2p_event(first).await?;
+                    let mut n = 1;
+                    while n < MAX_BATCH {
+                        let Ok(ev) = p2p_events.try_recv() else { break };
+                        self.p2p_event(ev).await?;
+                        n += 1;
+                    }
+                    if self.unflushed {
+                        self.execute(Vec::new()).await?;
+                    }
+                    self.dirty = true;
+                }
                 _ = tick.tick() => {
                     let now = now_ms();
                     for agent in self.registry.expire(now) {
                         tracing::debug!(%agent, "capability vector expired");
                     }
+                    self.fed_tick(now);
                     let outputs = self.tasks.tick(&self.registry, now);
-                    let changed = !outputs.is_empty();
+                    let changed = !outputs.is_empty() || self.unflushed;
                     self.execute(outputs).await?;
                     status_every += 1;
                     if changed || self.dirty {
@@ -314,6 +360,10 @@ impl Node {
     async fn execute(&mut self, outputs: Vec<Output>) -> anyhow::Result<()> {
         let mut outputs = outputs;
         outputs.append(&mut self.pending);
+        if self.unflushed {
+            self.store.flush().await?;
+            self.unflushed = false;
+        }
         for _ in 0..MAX_ROUNDS {
             if outputs.is_empty() {
                 break;
@@ -344,9 +394,9 @@ impl Node {
             Output::Persist(_) => {}
             Output::Deliver {
                 agent,
+                agent_version,
                 task,
                 attempt,
-                ..
             } => {
                 if let Some(t) = self.submitted_at.get(&task.id)
                     && attempt == 1
@@ -359,16 +409,7 @@ impl Node {
                     let topic = format!("fedmesh/v1/agent/{}/inbox", agent.name);
                     self.publish(topic, api::task_message(&task, attempt), None, "task");
                 } else {
-                    // Cross-node offers arrive with the federation layer (issue #4). Until then a
-                    // remote agent is refused and the task moves on to the next candidate.
-                    self.metrics.error("remote_agent_unreachable");
-                    next.extend(self.tasks.declined(
-                        &agent,
-                        task.id,
-                        "remote nodes not reachable",
-                        &self.registry,
-                        now_ms(),
-                    ));
+                    self.offer(agent, agent_version, *task, attempt, next);
                 }
             }
             Output::Notify {
@@ -484,9 +525,10 @@ impl Node {
         };
         let now = now_ms();
         match op {
-            AgentOp::Advertise(req) => match self.advertise(name, req, now) {
+            AgentOp::Advertise(req) => match self.advertise(name.clone(), req, now) {
                 Ok(reply) => {
                     self.publish(inbox, reply, None, "advertised");
+                    self.redeliver_hosted(&name);
                     // A (re)connecting agent gets the tasks it holds (the broker forgets
                     // undelivered messages across restarts), and may unblock waiting tasks.
                     outputs.extend(self.tasks.redeliver(&agent));
@@ -505,13 +547,19 @@ impl Node {
                     if let Err(e) = self.store.apply([Write::DeleteVcv(name.to_string())]) {
                         tracing::error!(error = %e, "deleting a withdrawn VCV");
                     }
+                    self.gossip_withdraw(&agent, version, now);
                 }
                 self.publish(inbox, api::withdrawn_message(&agent), None, "withdrawn");
             }
-            AgentOp::Progress(p) => outputs.extend(
-                self.tasks
-                    .progress(&agent, p.task_id, p.percent, p.note, now),
-            ),
+            AgentOp::Progress(p) => {
+                if !self.hosted_progress(&name, p.task_id, p.percent, p.note.clone(), now) {
+                    outputs.extend(
+                        self.tasks
+                            .progress(&agent, p.task_id, p.percent, p.note, now),
+                    );
+                }
+            }
+            AgentOp::Result(r) if self.hosted_result(&name, r.task_id, r.outcome.clone(), now) => {}
             AgentOp::Result(r) => {
                 let out = self
                     .tasks
@@ -593,10 +641,11 @@ impl Node {
         self.local.insert(name.clone(), LocalAgent { version });
         if let Err(e) = self.store.apply([Write::Vcv {
             name: name.to_string(),
-            envelope,
+            envelope: envelope.clone(),
         }]) {
             tracing::error!(error = %e, "storing a VCV");
         }
+        self.gossip(p2p::REGISTRY_TOPIC, envelope);
         self.audit_append(
             "advertise",
             &agent.to_string(),
@@ -810,6 +859,12 @@ impl Node {
             })
             .collect();
         agents.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+        let p2p_info = self
+            .p2p
+            .info
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let status = serde_json::json!({
             "node_id": self.id.to_string(),
             "name": self.cfg.node.name,
@@ -818,6 +873,11 @@ impl Node {
             "agents": agents,
             "tasks": by_state,
             "audit_entries": self.audit.len(),
+            "p2p": {
+                "peer_id": self.id.to_string(),
+                "listen": p2p_info.listen,
+                "peers": p2p_info.peers,
+            },
         });
         *self
             .shared

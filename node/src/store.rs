@@ -16,6 +16,7 @@ pub struct Store {
     db: sled::Db,
     tasks: sled::Tree,
     vcvs: sled::Tree,
+    hosted: sled::Tree,
 }
 
 /// One pending write.
@@ -29,6 +30,10 @@ pub enum Write {
     Vcv { name: String, envelope: Vec<u8> },
     /// Delete an agent's VCV.
     DeleteVcv(String),
+    /// Insert or replace a hosted task (a task this node runs for another node).
+    Hosted(TaskId, Vec<u8>),
+    /// Delete a hosted task.
+    DeleteHosted(TaskId),
 }
 
 impl Store {
@@ -48,6 +53,7 @@ impl Store {
         Ok(Self {
             tasks: db.open_tree("tasks")?,
             vcvs: db.open_tree("vcvs")?,
+            hosted: db.open_tree("hosted")?,
             db,
         })
     }
@@ -73,6 +79,12 @@ impl Store {
                 }
                 Write::DeleteVcv(name) => {
                     self.vcvs.remove(name.as_bytes())?;
+                }
+                Write::Hosted(id, bytes) => {
+                    self.hosted.insert(id.0, bytes)?;
+                }
+                Write::DeleteHosted(id) => {
+                    self.hosted.remove(id.0)?;
                 }
             }
         }
@@ -111,6 +123,16 @@ impl Store {
     /// Every stored VCV envelope of this node's agents.
     pub fn vcvs(&self) -> Vec<Vec<u8>> {
         self.vcvs
+            .iter()
+            .filter_map(|kv| kv.ok().map(|(_, v)| v.to_vec()))
+            .collect()
+    }
+}
+
+impl Store {
+    /// Every stored hosted-task record (encoded by the node).
+    pub fn hosted(&self) -> Vec<Vec<u8>> {
+        self.hosted
             .iter()
             .filter_map(|kv| kv.ok().map(|(_, v)| v.to_vec()))
             .collect()

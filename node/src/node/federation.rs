@@ -1,0 +1,1013 @@
+//! Federation: registry replication, heartbeats, anti-entropy and cross-node task offers.
+//!
+//! * **Registry gossip.** A local advertise or withdraw publishes its sealed envelope on
+//!   [`REGISTRY_TOPIC`]; a received one is checked ([`p2p::check_gossip`]: it opens and its
+//!   signer is its libp2p author) and inserted into the [`Registry`] (a newer version supersedes;
+//!   replays and regressions are ignored and counted per forwarding peer and reason in
+//!   `fedmesh_p2p_rejected`). Every gossip message gets a verdict.
+//! * **Anti-entropy** (on connect and every `p2p.sync_interval_s`): we send our digest
+//!   (`SyncDigest`, in pages that fit an envelope) to a peer; the peer answers with an
+//!   acknowledgement and, for every agent where our version is newer than its own (or unknown
+//!   to it), pulls the envelopes with a `SyncRequest`. Both sides do this, so each ends up with
+//!   the missing or newer VCVs of the other, and nothing it already has.
+//! * **Heartbeats** every [`HEARTBEAT_EVERY`] on [`HEARTBEAT_TOPIC`]: the load of each local
+//!   agent → `Tasks::set_remote_load` at the receivers.
+//! * **Offers.** `Output::Deliver` for a remote agent becomes a sealed `Offer` sent by
+//!   request-response to the agent's node. The host checks that the agent is local and has
+//!   capacity, persists a [`Hosted`] record and flushes **before** it answers `Accept`, then
+//!   delivers to the agent's inbox. A `Decline`, an error or a timeout (`routing.offer_timeout_ms`)
+//!   makes the origin try the next candidate. The agent's progress and result go back to the
+//!   origin by request-response, retried with backoff until acknowledged; the result is
+//!   persisted in the hosted record until the origin acknowledges it, and the origin persists
+//!   (group commit) before it acknowledges. Results are accepted only from the agent's own node
+//!   (the noise-authenticated peer must be the envelope signer, which must be `agent.node`).
+
+use std::collections::HashSet;
+
+use fedmesh_protocol::{DeclineReason, DigestEntry, Envelope, Outcome};
+use libp2p::PeerId;
+use libp2p::gossipsub::{MessageAcceptance, MessageId};
+use serde::{Deserialize, Serialize};
+
+use super::*;
+use crate::p2p::{self, Command, Event, HEARTBEAT_TOPIC, MAX_RESPONSE_BYTES, REGISTRY_TOPIC};
+
+/// Heartbeat period.
+pub(super) const HEARTBEAT_EVERY: Duration = Duration::from_secs(3);
+/// Digest entries per `SyncDigest` page (each entry is at most ~110 bytes encoded).
+const DIGEST_PAGE: usize = 400;
+/// Longest wait between two sends of an unacknowledged result.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How long after its deadline an unacknowledged result or an unanswered hosted task is kept.
+const HOSTED_GRACE_MS: u64 = 10 * 60 * 1000;
+/// Most nodes whose heartbeat sequence is remembered.
+const MAX_HEARTBEAT_NODES: usize = 4096;
+
+/// A task this node runs for another node (persisted in the `hosted` tree).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) struct Hosted {
+    spec: TaskSpec,
+    agent: AgentName,
+    attempt: u32,
+    /// Set when the agent answered; kept until the origin acknowledges it.
+    outcome: Option<Outcome>,
+}
+
+#[derive(Debug)]
+struct Outgoing {
+    peer: PeerId,
+    data: Vec<u8>,
+    next_try: Instant,
+    backoff: Duration,
+    in_flight: bool,
+    give_up_ms: u64,
+}
+
+#[derive(Debug)]
+enum Pending {
+    Offer { task: TaskId, agent: AgentId },
+    Send((TaskId, bool)),
+    Digest,
+    Pull(PeerId),
+}
+
+/// Federation state of the node.
+#[derive(Debug)]
+pub(super) struct Fed {
+    hosted: HashMap<TaskId, Hosted>,
+    /// Unacknowledged progress (`false`) and results (`true`) of hosted tasks.
+    outbox: HashMap<(TaskId, bool), Outgoing>,
+    pending: HashMap<u64, Pending>,
+    next_tag: u64,
+    connected: HashSet<PeerId>,
+    heartbeat_seq: HashMap<NodeId, u64>,
+    my_seq: u64,
+    last_heartbeat: Instant,
+    last_sync: Instant,
+    last_readvertise: Instant,
+}
+
+impl Fed {
+    pub(super) fn new() -> Self {
+        Self {
+            hosted: HashMap::new(),
+            outbox: HashMap::new(),
+            pending: HashMap::new(),
+            next_tag: 0,
+            connected: HashSet::new(),
+            heartbeat_seq: HashMap::new(),
+            my_seq: 0,
+            last_heartbeat: Instant::now(),
+            last_sync: Instant::now(),
+            last_readvertise: Instant::now(),
+        }
+    }
+}
+
+/// Gossip on the registry topic: [`p2p::check_gossip`], then [`ingest_registry`].
+pub(crate) fn judge_registry_gossip(
+    registry: &mut Registry,
+    metrics: &Metrics,
+    me: NodeId,
+    from: &PeerId,
+    source: Option<&PeerId>,
+    data: &[u8],
+    now: u64,
+) -> MessageAcceptance {
+    match p2p::check_gossip(data, source, now) {
+        Err(r) => {
+            metrics.p2p_reject(&from.to_string(), r.label());
+            p2p::acceptance(&r)
+        }
+        Ok(env) => ingest_registry(registry, metrics, me, &from.to_string(), env, data, now),
+    }
+}
+
+/// Puts a verified Advertise or Withdraw into the registry; counts refusals per peer.
+pub(crate) fn ingest_registry(
+    registry: &mut Registry,
+    metrics: &Metrics,
+    me: NodeId,
+    from: &str,
+    env: Envelope,
+    data: &[u8],
+    now: u64,
+) -> MessageAcceptance {
+    if env.signer == me {
+        return MessageAcceptance::Ignore;
+    }
+    let res = match env.message {
+        Message::Advertise(vcv) => registry
+            .insert(
+                Entry {
+                    vcv,
+                    id: env.id,
+                    envelope: data.to_vec(),
+                },
+                now,
+            )
+            .map(|_| ())
+            .map_err(|e| match e {
+                InsertError::Rejected(r) => (r.label(), p2p::acceptance(&r)),
+                InsertError::Full(_) => ("registry_full", MessageAcceptance::Ignore),
+            }),
+        Message::Withdraw { agent, version } => registry
+            .withdraw(&agent, version, now)
+            .map(|_| ())
+            .map_err(|r| (r.label(), p2p::acceptance(&r))),
+        _ => Err(("unexpected_message", MessageAcceptance::Reject)),
+    };
+    match res {
+        Ok(()) => MessageAcceptance::Accept,
+        Err((reason, acc)) => {
+            metrics.p2p_reject(from, reason);
+            acc
+        }
+    }
+}
+
+impl Node {
+    fn tag(&mut self, p: Pending) -> u64 {
+        self.fed.next_tag += 1;
+        self.fed.pending.insert(self.fed.next_tag, p);
+        self.fed.next_tag
+    }
+
+    /// Sends a request; false (and nothing pending) when the command queue is full.
+    fn request(&mut self, peer: PeerId, data: Vec<u8>, p: Pending) -> bool {
+        let tag = self.tag(p);
+        let ok = self.p2p.send(Command::Request { peer, data, tag });
+        if !ok {
+            self.fed.pending.remove(&tag);
+        } else {
+            self.metrics
+                .p2p_out
+                .get_or_create(&Kind::of("request"))
+                .inc();
+        }
+        ok
+    }
+
+    fn respond(&self, id: u64, frames: Vec<Vec<u8>>) {
+        self.p2p.send(Command::Respond { id, frames });
+    }
+
+    fn seal(&self, m: &Message, now: u64) -> Option<Vec<u8>> {
+        match fedmesh_protocol::seal(&self.key, now, m) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                self.metrics.error("p2p_seal");
+                tracing::warn!(kind = m.kind(), error = %e, "could not seal a federation message");
+                None
+            }
+        }
+    }
+
+    /// Publishes a sealed envelope on a gossip topic (when any peer is connected; peers that
+    /// join later catch up by anti-entropy).
+    pub(super) fn gossip(&self, topic: &'static str, data: Vec<u8>) {
+        if !self.fed.connected.is_empty() {
+            self.p2p.send(Command::Publish { topic, data });
+        }
+    }
+
+    /// Publishes a withdrawal of a local agent.
+    pub(super) fn gossip_withdraw(&self, agent: &AgentId, version: u64, now: u64) {
+        let m = Message::Withdraw {
+            agent: agent.clone(),
+            version,
+        };
+        if let Some(b) = self.seal(&m, now) {
+            self.gossip(REGISTRY_TOPIC, b);
+        }
+    }
+
+    /// Reloads hosted tasks after a restart; unacknowledged results are queued again.
+    pub(super) fn restore_hosted(&mut self) {
+        let now = now_ms();
+        for bytes in self.store.hosted() {
+            match postcard::from_bytes::<Hosted>(&bytes) {
+                Ok(h) => {
+                    let id = h.spec.id;
+                    if let Some(o) = h.outcome.clone() {
+                        self.queue_result(&h, o, now);
+                    }
+                    self.fed.hosted.insert(id, h);
+                }
+                Err(e) => tracing::error!(error = %e, "skipping an undecodable hosted task"),
+            }
+        }
+        let names: Vec<AgentName> = self.fed.hosted.values().map(|h| h.agent.clone()).collect();
+        for n in names {
+            self.update_hosted_load(&n);
+        }
+    }
+
+    fn update_hosted_load(&mut self, name: &AgentName) {
+        let n = self
+            .fed
+            .hosted
+            .values()
+            .filter(|h| &h.agent == name && h.outcome.is_none())
+            .count();
+        self.tasks.set_remote_load(
+            AgentId::new(self.id, name.clone()),
+            u16::try_from(n).unwrap_or(u16::MAX),
+        );
+    }
+
+    fn persist_hosted(&mut self, h: &Hosted) {
+        match postcard::to_allocvec(h) {
+            Ok(b) => {
+                if let Err(e) = self.store.apply([Write::Hosted(h.spec.id, b)]) {
+                    tracing::error!(error = %e, "storing a hosted task");
+                }
+                self.unflushed = true;
+            }
+            Err(e) => tracing::error!(error = %e, "encoding a hosted task"),
+        }
+    }
+
+    /// Hands the tasks this node hosts for `name` to its inbox again (it (re)connected).
+    pub(super) fn redeliver_hosted(&self, name: &AgentName) {
+        for h in self.fed.hosted.values() {
+            if &h.agent == name && h.outcome.is_none() {
+                let topic = format!("fedmesh/v1/agent/{name}/inbox");
+                self.publish(topic, api::task_message(&h.spec, h.attempt), None, "task");
+            }
+        }
+    }
+
+    /// An agent's progress on a task it runs for another node. False if not a hosted task.
+    pub(super) fn hosted_progress(
+        &mut self,
+        name: &AgentName,
+        task: TaskId,
+        percent: u8,
+        note: String,
+        now: u64,
+    ) -> bool {
+        let Some(h) = self.fed.hosted.get(&task) else {
+            return false;
+        };
+        if &h.agent != name || h.outcome.is_some() {
+            return true;
+        }
+        let m = Message::Progress {
+            task,
+            agent: AgentId::new(self.id, name.clone()),
+            percent: percent.min(100),
+            note,
+        };
+        if let (Some(data), Some(peer)) = (self.seal(&m, now), p2p::peer_id(&h.spec.origin)) {
+            let give_up_ms = h.spec.deadline_ms;
+            self.fed.outbox.insert(
+                (task, false),
+                Outgoing {
+                    peer,
+                    data,
+                    next_try: Instant::now(),
+                    backoff: Duration::from_millis(500),
+                    in_flight: false,
+                    give_up_ms,
+                },
+            );
+        }
+        true
+    }
+
+    /// An agent's result for a task it runs for another node. False if not a hosted task.
+    pub(super) fn hosted_result(
+        &mut self,
+        name: &AgentName,
+        task: TaskId,
+        outcome: Outcome,
+        now: u64,
+    ) -> bool {
+        let Some(h) = self.fed.hosted.get_mut(&task) else {
+            return false;
+        };
+        if &h.agent != name || h.outcome.is_some() {
+            return true; // someone else's, or a duplicate
+        }
+        h.outcome = Some(outcome.clone());
+        let h = h.clone();
+        self.persist_hosted(&h);
+        self.fed.outbox.remove(&(task, false));
+        self.queue_result(&h, outcome, now);
+        self.update_hosted_load(name);
+        true
+    }
+
+    fn queue_result(&mut self, h: &Hosted, outcome: Outcome, now: u64) {
+        let m = Message::Result {
+            task: h.spec.id,
+            agent: AgentId::new(self.id, h.agent.clone()),
+            outcome,
+        };
+        let data = self.seal(&m, now).or_else(|| {
+            // Too large or otherwise unsealable: tell the origin it failed.
+            let m = Message::Result {
+                task: h.spec.id,
+                agent: AgentId::new(self.id, h.agent.clone()),
+                outcome: Outcome::Failed("result could not be sent (too large?)".into()),
+            };
+            self.seal(&m, now)
+        });
+        if let (Some(data), Some(peer)) = (data, p2p::peer_id(&h.spec.origin)) {
+            self.fed.outbox.insert(
+                (h.spec.id, true),
+                Outgoing {
+                    peer,
+                    data,
+                    next_try: Instant::now(),
+                    backoff: Duration::from_millis(500),
+                    in_flight: false,
+                    give_up_ms: h.spec.deadline_ms.saturating_add(HOSTED_GRACE_MS),
+                },
+            );
+        }
+    }
+
+    /// `Output::Deliver` for an agent on another node: offer it the task.
+    pub(super) fn offer(
+        &mut self,
+        agent: AgentId,
+        agent_version: u64,
+        task: TaskSpec,
+        attempt: u32,
+        next: &mut Vec<Output>,
+    ) {
+        let now = now_ms();
+        let id = task.id;
+        let m = Message::Offer {
+            task,
+            agent: agent.clone(),
+            agent_version,
+            attempt,
+        };
+        let sent = match (self.seal(&m, now), p2p::peer_id(&agent.node)) {
+            (Some(data), Some(peer)) => self.request(
+                peer,
+                data,
+                Pending::Offer {
+                    task: id,
+                    agent: agent.clone(),
+                },
+            ),
+            _ => false,
+        };
+        if sent {
+            self.metrics.p2p_out.get_or_create(&Kind::of("offer")).inc();
+        } else {
+            self.metrics.error("offer_not_sent");
+            next.extend(
+                self.tasks
+                    .declined(&agent, id, "offer not sent", &self.registry, now),
+            );
+        }
+    }
+
+    /// Handles one event from the swarm.
+    pub(super) async fn p2p_event(&mut self, ev: Event) -> anyhow::Result<()> {
+        match ev {
+            Event::Gossip {
+                msg_id,
+                from,
+                source,
+                topic,
+                data,
+            } => self.on_gossip(msg_id, from, source, &topic, &data),
+            Event::Request { peer, id, data } => self.on_request(peer, id, &data).await?,
+            Event::Response { tag, result } => {
+                let out = self.on_response(tag, result);
+                self.execute(out).await?;
+            }
+            Event::Connected(peer) => {
+                if self.fed.connected.len() < self.cfg.p2p.max_connections as usize {
+                    self.fed.connected.insert(peer);
+                }
+                self.send_digest(peer);
+            }
+            Event::Disconnected(peer) => {
+                self.fed.connected.remove(&peer);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_gossip(
+        &mut self,
+        msg_id: MessageId,
+        from: PeerId,
+        source: Option<PeerId>,
+        topic: &str,
+        data: &[u8],
+    ) {
+        let now = now_ms();
+        let acceptance = if topic == REGISTRY_TOPIC {
+            let a = judge_registry_gossip(
+                &mut self.registry,
+                &self.metrics,
+                self.id,
+                &from,
+                source.as_ref(),
+                data,
+                now,
+            );
+            if a == MessageAcceptance::Accept {
+                self.dirty = true;
+            }
+            a
+        } else if topic == HEARTBEAT_TOPIC {
+            match p2p::check_gossip(data, source.as_ref(), now) {
+                Err(r) => {
+                    self.metrics.p2p_reject(&from.to_string(), r.label());
+                    p2p::acceptance(&r)
+                }
+                Ok(env) => self.on_heartbeat(env, &from),
+            }
+        } else {
+            self.metrics.p2p_reject(&from.to_string(), "unknown_topic");
+            MessageAcceptance::Reject
+        };
+        self.p2p.send(Command::Report {
+            msg_id,
+            from,
+            acceptance,
+        });
+    }
+
+    fn on_heartbeat(&mut self, env: Envelope, from: &PeerId) -> MessageAcceptance {
+        let Message::Heartbeat { seq, load } = env.message else {
+            self.metrics
+                .p2p_reject(&from.to_string(), "unexpected_message");
+            return MessageAcceptance::Reject;
+        };
+        if env.signer == self.id {
+            return MessageAcceptance::Ignore;
+        }
+        if self
+            .fed
+            .heartbeat_seq
+            .get(&env.signer)
+            .is_some_and(|&s| seq <= s)
+        {
+            self.metrics
+                .p2p_reject(&from.to_string(), "heartbeat_replay");
+            return MessageAcceptance::Ignore;
+        }
+        if self.fed.heartbeat_seq.len() >= MAX_HEARTBEAT_NODES {
+            self.fed.heartbeat_seq.clear();
+        }
+        self.fed.heartbeat_seq.insert(env.signer, seq);
+        for l in load {
+            self.tasks
+                .set_remote_load(AgentId::new(env.signer, l.agent), l.inflight);
+        }
+        MessageAcceptance::Accept
+    }
+
+    async fn on_request(&mut self, peer: PeerId, id: u64, data: &[u8]) -> anyhow::Result<()> {
+        let now = now_ms();
+        let from = peer.to_string();
+        let env = match fedmesh_protocol::open(data, now) {
+            Ok(env) => env,
+            Err(r) => {
+                self.metrics.p2p_reject(&from, r.label());
+                self.respond(id, vec![]);
+                return Ok(());
+            }
+        };
+        if p2p::peer_id(&env.signer) != Some(peer) {
+            // Requests are answered only for their signer (noise authenticated the peer).
+            self.metrics.p2p_reject(&from, "signer_not_peer");
+            self.respond(id, vec![]);
+            return Ok(());
+        }
+        self.metrics
+            .p2p_in
+            .get_or_create(&Kind::of(env.message.kind()))
+            .inc();
+        let signer = env.signer;
+        match env.message {
+            Message::Offer {
+                task,
+                agent,
+                attempt,
+                ..
+            } => {
+                let answer = self.host_offer(signer, task, agent, attempt, now).await?;
+                self.respond(id, answer.into_iter().collect());
+            }
+            Message::Progress {
+                task,
+                agent,
+                percent,
+                note,
+            } => {
+                let out = self.tasks.progress(&agent, task, percent, note, now);
+                self.execute(out).await?;
+                self.respond(id, vec![]);
+            }
+            Message::Result {
+                task,
+                agent,
+                outcome,
+            } => {
+                let out = self
+                    .tasks
+                    .result(&agent, task, outcome, &self.registry, now);
+                if out.is_empty() {
+                    self.metrics.error("remote_result_ignored");
+                }
+                // Persisted (and flushed) by execute before the acknowledgement.
+                self.execute(out).await?;
+                self.respond(id, vec![]);
+            }
+            Message::SyncDigest { entries } => {
+                self.respond(id, vec![]);
+                self.pull(peer, &entries, now);
+            }
+            Message::SyncRequest { agents } => {
+                let mut frames = Vec::new();
+                let mut size = 0;
+                for a in agents {
+                    if let Some(e) = self.registry.get(&a) {
+                        if size + e.envelope.len() + 4 > MAX_RESPONSE_BYTES {
+                            break; // the rest comes with the next sync round
+                        }
+                        size += e.envelope.len() + 4;
+                        frames.push(e.envelope.clone());
+                    }
+                }
+                self.respond(id, frames);
+            }
+            other => {
+                self.metrics.p2p_reject(&from, "unexpected_request");
+                tracing::debug!(kind = other.kind(), "unexpected request");
+                self.respond(id, vec![]);
+            }
+        }
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// A peer's digest page: pull the VCVs it has newer than ours.
+    fn pull(&mut self, peer: PeerId, entries: &[DigestEntry], now: u64) {
+        let wanted: Vec<AgentId> = self
+            .registry
+            .wanted(entries)
+            .into_iter()
+            .filter(|a| a.node != self.id)
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        if let Some(data) = self.seal(&Message::SyncRequest { agents: wanted }, now) {
+            self.request(peer, data, Pending::Pull(peer));
+        }
+    }
+
+    fn send_digest(&mut self, peer: PeerId) {
+        let now = now_ms();
+        let digest = self.registry.digest();
+        for page in digest.chunks(DIGEST_PAGE) {
+            let m = Message::SyncDigest {
+                entries: page.to_vec(),
+            };
+            if let Some(data) = self.seal(&m, now) {
+                self.request(peer, data, Pending::Digest);
+            }
+        }
+    }
+
+    /// Decides on an offer; returns the sealed Accept or Decline.
+    async fn host_offer(
+        &mut self,
+        origin: NodeId,
+        task: TaskSpec,
+        agent: AgentId,
+        attempt: u32,
+        now: u64,
+    ) -> anyhow::Result<Option<Vec<u8>>> {
+        let id = task.id;
+        let reason = if agent.node != self.id || !self.local.contains_key(&agent.name) {
+            Some(DeclineReason::UnknownAgent)
+        } else if task.origin != origin {
+            self.metrics
+                .p2p_reject(&origin.to_string(), "origin_mismatch");
+            Some(DeclineReason::UnknownAgent)
+        } else if let Some(h) = self.fed.hosted.get(&id) {
+            // A repeated offer (the origin restarted or our answer was lost): same answer.
+            (h.agent != agent.name).then_some(DeclineReason::Overloaded)
+        } else {
+            match self.registry.get(&agent) {
+                None => Some(DeclineReason::UnknownAgent),
+                Some(e) if self.tasks.load(&agent) >= e.vcv.resources.capacity.max(1) => {
+                    Some(DeclineReason::AtCapacity)
+                }
+                Some(_) if task.deadline_ms <= now.saturating_add(100) => {
+                    Some(DeclineReason::DeadlineTooClose)
+                }
+                Some(_) if self.fed.hosted.len() >= self.cfg.limits.max_inflight_tasks => {
+                    Some(DeclineReason::Overloaded)
+                }
+                Some(_) => None,
+            }
+        };
+        if let Some(reason) = reason {
+            self.metrics
+                .p2p_out
+                .get_or_create(&Kind::of("decline"))
+                .inc();
+            return Ok(self.seal(
+                &Message::Decline {
+                    task: id,
+                    agent,
+                    reason,
+                },
+                now,
+            ));
+        }
+        if !self.fed.hosted.contains_key(&id) {
+            let h = Hosted {
+                spec: task,
+                agent: agent.name.clone(),
+                attempt,
+                outcome: None,
+            };
+            self.persist_hosted(&h);
+            self.fed.hosted.insert(id, h);
+            self.update_hosted_load(&agent.name);
+            self.audit_append(
+                "task_hosted",
+                &id.to_string(),
+                serde_json::json!({"origin": origin.to_string(), "agent": agent.to_string()}),
+            );
+        }
+        // Durable before we say yes.
+        self.store.flush().await?;
+        self.unflushed = false;
+        if let Some(h) = self.fed.hosted.get(&id) {
+            let topic = format!("fedmesh/v1/agent/{}/inbox", h.agent);
+            self.publish(topic, api::task_message(&h.spec, h.attempt), None, "task");
+        }
+        self.metrics
+            .p2p_out
+            .get_or_create(&Kind::of("accept"))
+            .inc();
+        Ok(self.seal(&Message::Accept { task: id, agent }, now))
+    }
+
+    fn on_response(&mut self, tag: u64, result: Result<Vec<Vec<u8>>, String>) -> Vec<Output> {
+        let now = now_ms();
+        let Some(p) = self.fed.pending.remove(&tag) else {
+            return vec![];
+        };
+        match p {
+            Pending::Offer { task, agent } => {
+                let verdict = match &result {
+                    Ok(frames) => match frames.first().map(|f| fedmesh_protocol::open(f, now)) {
+                        Some(Ok(env)) if env.signer == agent.node => match env.message {
+                            Message::Accept { task: t, .. } if t == task => Ok(()),
+                            Message::Decline {
+                                task: t, reason, ..
+                            } if t == task => Err(format!("{reason:?}")),
+                            _ => Err("unexpected answer".into()),
+                        },
+                        _ => Err("no valid answer".into()),
+                    },
+                    Err(e) => Err(e.clone()),
+                };
+                match verdict {
+                    Ok(()) => {
+                        self.metrics.p2p_in.get_or_create(&Kind::of("accept")).inc();
+                        vec![]
+                    }
+                    Err(reason) => {
+                        tracing::info!(%task, %agent, %reason, "offer declined or failed");
+                        self.metrics
+                            .p2p_in
+                            .get_or_create(&Kind::of("decline"))
+                            .inc();
+                        self.tasks
+                            .declined(&agent, task, &reason, &self.registry, now)
+                    }
+                }
+            }
+            Pending::Send(key) => {
+                match result {
+                    Ok(_) => {
+                        self.fed.outbox.remove(&key);
+                        if key.1
+                            && let Some(h) = self.fed.hosted.remove(&key.0)
+                        {
+                            if let Err(e) = self.store.apply([Write::DeleteHosted(key.0)]) {
+                                tracing::error!(error = %e, "deleting a hosted task");
+                            }
+                            self.unflushed = true;
+                            self.update_hosted_load(&h.agent);
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(o) = self.fed.outbox.get_mut(&key) {
+                            tracing::debug!(error = %e, task = %key.0, "send to origin failed; will retry");
+                            o.in_flight = false;
+                            o.next_try = Instant::now() + o.backoff;
+                            o.backoff = (o.backoff * 2).min(MAX_BACKOFF);
+                        }
+                    }
+                }
+                vec![]
+            }
+            Pending::Digest => vec![],
+            Pending::Pull(peer) => {
+                if let Ok(frames) = result {
+                    let from = peer.to_string();
+                    for f in frames {
+                        match fedmesh_protocol::open(&f, now) {
+                            Ok(env) => {
+                                ingest_registry(
+                                    &mut self.registry,
+                                    &self.metrics,
+                                    self.id,
+                                    &from,
+                                    env,
+                                    &f,
+                                    now,
+                                );
+                            }
+                            Err(r) => self.metrics.p2p_reject(&from, r.label()),
+                        }
+                    }
+                    self.dirty = true;
+                }
+                vec![]
+            }
+        }
+    }
+
+    /// Timers: heartbeats, anti-entropy, re-advertisement, result retries, hosted expiry.
+    pub(super) fn fed_tick(&mut self, now: u64) {
+        if self.fed.last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
+            self.fed.last_heartbeat = Instant::now();
+            self.heartbeat(now);
+        }
+        if self.fed.last_sync.elapsed() >= Duration::from_secs(self.cfg.p2p.sync_interval_s.max(1))
+        {
+            self.fed.last_sync = Instant::now();
+            let peers: Vec<PeerId> = self.fed.connected.iter().copied().collect();
+            for p in peers {
+                self.send_digest(p);
+            }
+        }
+        if self.fed.last_readvertise.elapsed()
+            >= Duration::from_secs(self.cfg.p2p.readvertise_interval_s.max(1))
+        {
+            self.fed.last_readvertise = Instant::now();
+            self.readvertise(now);
+        }
+        let due: Vec<(TaskId, bool)> = self
+            .fed
+            .outbox
+            .iter()
+            .filter(|(_, o)| !o.in_flight && o.next_try <= Instant::now())
+            .map(|(k, _)| *k)
+            .collect();
+        for key in due {
+            let Some(o) = self.fed.outbox.get(&key) else {
+                continue;
+            };
+            if now > o.give_up_ms {
+                self.metrics.error("hosted_send_gave_up");
+                self.fed.outbox.remove(&key);
+                if key.1 && self.fed.hosted.remove(&key.0).is_some() {
+                    let _ = self.store.apply([Write::DeleteHosted(key.0)]);
+                    self.unflushed = true;
+                }
+                continue;
+            }
+            let (peer, data) = (o.peer, o.data.clone());
+            let sent = self.request(peer, data, Pending::Send(key));
+            if let Some(o) = self.fed.outbox.get_mut(&key) {
+                if sent {
+                    o.in_flight = true;
+                } else {
+                    o.next_try = Instant::now() + o.backoff;
+                }
+            }
+        }
+        // Hosted tasks whose agent never answered are dropped well after their deadline.
+        let stale: Vec<(TaskId, AgentName)> = self
+            .fed
+            .hosted
+            .values()
+            .filter(|h| {
+                h.outcome.is_none() && now > h.spec.deadline_ms.saturating_add(HOSTED_GRACE_MS)
+            })
+            .map(|h| (h.spec.id, h.agent.clone()))
+            .collect();
+        for (id, name) in stale {
+            self.fed.hosted.remove(&id);
+            let _ = self.store.apply([Write::DeleteHosted(id)]);
+            self.unflushed = true;
+            self.update_hosted_load(&name);
+        }
+    }
+
+    fn heartbeat(&mut self, now: u64) {
+        if self.fed.connected.is_empty() {
+            return;
+        }
+        self.fed.my_seq = (self.fed.my_seq + 1).max(now);
+        let load: Vec<AgentLoad> = self
+            .local
+            .keys()
+            .take(fedmesh_protocol::limits::MAX_HEARTBEAT_ENTRIES)
+            .map(|n| AgentLoad {
+                agent: n.clone(),
+                inflight: self.tasks.load(&AgentId::new(self.id, n.clone())),
+            })
+            .collect();
+        let m = Message::Heartbeat {
+            seq: self.fed.my_seq,
+            load,
+        };
+        if let Some(b) = self.seal(&m, now) {
+            self.gossip(HEARTBEAT_TOPIC, b);
+        }
+    }
+
+    /// Re-signs every live local VCV with a new version (same expiry) and gossips it, so that
+    /// peers that missed it catch up and gossip's duplicate filter does not drop it.
+    fn readvertise(&mut self, now: u64) {
+        let names: Vec<AgentName> = self.local.keys().cloned().collect();
+        for name in names {
+            let agent = AgentId::new(self.id, name.clone());
+            let Some(e) = self.registry.get(&agent) else {
+                continue;
+            };
+            if e.vcv.expires_at_ms <= now + 1000 {
+                continue;
+            }
+            let mut vcv = e.vcv.clone();
+            vcv.version = (vcv.version + 1).max(now);
+            vcv.issued_at_ms = now;
+            let Some(envelope) = self.seal(&Message::Advertise(vcv.clone()), now) else {
+                continue;
+            };
+            let Ok(opened) = fedmesh_protocol::open(&envelope, now) else {
+                continue;
+            };
+            let version = vcv.version;
+            if self
+                .registry
+                .insert(
+                    Entry {
+                        vcv,
+                        id: opened.id,
+                        envelope: envelope.clone(),
+                    },
+                    now,
+                )
+                .is_ok()
+            {
+                self.local.insert(name.clone(), LocalAgent { version });
+                if let Err(e) = self.store.apply([Write::Vcv {
+                    name: name.to_string(),
+                    envelope: envelope.clone(),
+                }]) {
+                    tracing::error!(error = %e, "storing a VCV");
+                }
+                self.unflushed = true;
+                self.gossip(REGISTRY_TOPIC, envelope);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedmesh_protocol::sample;
+
+    const NOW: u64 = 1_790_000_000_000;
+
+    fn metrics() -> Metrics {
+        Metrics::new(&mut prometheus_client::registry::Registry::default())
+    }
+
+    #[test]
+    fn forged_advertisements_are_rejected_and_counted_per_peer() {
+        let me = sample::key(9).node_id();
+        let honest = sample::key(1);
+        let forger = sample::key(2);
+        let relay = p2p::peer_id(&sample::key(3).node_id()).expect("pid");
+        let m = metrics();
+        let mut reg = Registry::new(100);
+        let from = relay.to_string();
+
+        // 1. The forger signs an advertisement for an agent of the honest node.
+        let vcv = sample::vcv(&honest, "victim", 5, NOW);
+        let forged =
+            fedmesh_protocol::seal(&forger, NOW, &Message::Advertise(vcv.clone())).expect("seal");
+        let src = p2p::peer_id(&forger.node_id());
+        let a = judge_registry_gossip(&mut reg, &m, me, &relay, src.as_ref(), &forged, NOW);
+        assert_eq!(a, MessageAcceptance::Reject);
+        assert_eq!(m.p2p_rejected_count(&from, "host_mismatch"), 1);
+
+        // 2. A genuine advertisement with a flipped signature bit.
+        let good = fedmesh_protocol::seal(&honest, NOW, &Message::Advertise(vcv)).expect("seal");
+        let mut bad = good.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let hsrc = p2p::peer_id(&honest.node_id());
+        let a = judge_registry_gossip(&mut reg, &m, me, &relay, hsrc.as_ref(), &bad, NOW);
+        assert_eq!(a, MessageAcceptance::Reject);
+        assert_eq!(m.p2p_rejected_count(&from, "bad_signature"), 1);
+
+        // 3. Genuine bytes re-published under another author.
+        let a = judge_registry_gossip(&mut reg, &m, me, &relay, src.as_ref(), &good, NOW);
+        assert_eq!(a, MessageAcceptance::Reject);
+        assert_eq!(m.p2p_rejected_count(&from, "host_mismatch"), 2);
+        assert!(reg.is_empty(), "nothing forged got in");
+
+        // 4. The genuine one is accepted; its replay and an older version are ignored.
+        let a = judge_registry_gossip(&mut reg, &m, me, &relay, hsrc.as_ref(), &good, NOW);
+        assert_eq!(a, MessageAcceptance::Accept);
+        assert_eq!(reg.len(), 1);
+        let a = judge_registry_gossip(&mut reg, &m, me, &relay, hsrc.as_ref(), &good, NOW);
+        assert_eq!(a, MessageAcceptance::Ignore);
+        let old = sample::vcv(&honest, "victim", 4, NOW);
+        let old = fedmesh_protocol::seal(&honest, NOW, &Message::Advertise(old)).expect("seal");
+        let a = judge_registry_gossip(&mut reg, &m, me, &relay, hsrc.as_ref(), &old, NOW);
+        assert_eq!(a, MessageAcceptance::Ignore);
+        assert_eq!(m.p2p_rejected_count(&from, "version_not_newer"), 2);
+
+        // 5. Garbage.
+        let a = judge_registry_gossip(&mut reg, &m, me, &relay, hsrc.as_ref(), b"\x01junk", NOW);
+        assert_eq!(a, MessageAcceptance::Reject);
+    }
+
+    #[test]
+    fn withdrawals_by_another_node_are_rejected() {
+        let me = sample::key(9).node_id();
+        let honest = sample::key(1);
+        let forger = sample::key(2);
+        let relay = p2p::peer_id(&sample::key(3).node_id()).expect("pid");
+        let m = metrics();
+        let mut reg = Registry::new(100);
+        let vcv = sample::vcv(&honest, "victim", 5, NOW);
+        let agent = vcv.agent.clone();
+        let good = fedmesh_protocol::seal(&honest, NOW, &Message::Advertise(vcv)).expect("seal");
+        let hsrc = p2p::peer_id(&honest.node_id());
+        judge_registry_gossip(&mut reg, &m, me, &relay, hsrc.as_ref(), &good, NOW);
+        let w = fedmesh_protocol::seal(&forger, NOW, &Message::Withdraw { agent, version: 9 })
+            .expect("seal");
+        let fsrc = p2p::peer_id(&forger.node_id());
+        let a = judge_registry_gossip(&mut reg, &m, me, &relay, fsrc.as_ref(), &w, NOW);
+        assert_eq!(a, MessageAcceptance::Reject);
+        assert_eq!(reg.len(), 1);
+    }
+}

@@ -1,0 +1,894 @@
+//! The libp2p side of the node: one task owns the [`Swarm`] and talks to the node's event loop
+//! through two bounded channels ([`Command`] in, [`Event`] out). Only this module (and the node
+//! shell) knows libp2p.
+//!
+//! * Transport: TCP + noise + yamux (`/memory/N` for in-process tests). Identity = the node key,
+//!   so a peer's `PeerId` is its `NodeId`.
+//! * Gossipsub on [`REGISTRY_TOPIC`] (Advertise/Withdraw) and [`HEARTBEAT_TOPIC`] (Heartbeat):
+//!   `ValidationMode::Strict`, manual validation (the node reports Accept/Reject/Ignore for every
+//!   message), **message id = `blake3(data)`** (32 bytes; part of the protocol: identical payloads
+//!   are duplicates), peer scoring on, mesh parameters that work with 2–3 nodes.
+//! * Request-response on [`RR_PROTOCOL`]: the request is one sealed envelope, the response a list
+//!   of sealed envelopes (length-prefixed), see [`EnvelopeCodec`].
+//! * Kademlia in server mode; only identified peers that list the Kademlia protocol are added.
+//! * Identify with pushed listen-address updates; ping; connection limits.
+//! * Bootstrap peers are redialled with backoff whenever they are not connected.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use fedmesh_config::Config;
+use fedmesh_protocol::limits::MAX_ENVELOPE_BYTES;
+use fedmesh_protocol::{Envelope, NodeId, NodeKey, Rejection};
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use libp2p::gossipsub::{self, MessageAcceptance, MessageId};
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, connection_limits, identify, identity,
+    kad, noise, ping, tcp, yamux,
+};
+use tokio::sync::mpsc;
+
+use crate::metrics::{Kind, Metrics};
+
+/// Gossip topic of capability advertisements and withdrawals.
+pub const REGISTRY_TOPIC: &str = "fedmesh/v1/registry";
+/// Gossip topic of load heartbeats.
+pub const HEARTBEAT_TOPIC: &str = "fedmesh/v1/heartbeat";
+/// The request-response protocol (offers, results, anti-entropy).
+pub const RR_PROTOCOL: &str = "/fedmesh/rr/1";
+/// The identify protocol version string.
+pub const IDENTIFY_VERSION: &str = "/fedmesh/1";
+/// Largest request-response answer (a list of envelopes), in bytes.
+pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+/// Capacity of the command and event channels.
+const CHANNEL: usize = 1024;
+/// Most inbound requests waiting for the node's answer.
+const MAX_OPEN_REQUESTS: usize = 1024;
+/// Longest wait between two dials of a bootstrap peer.
+const MAX_REDIAL: Duration = Duration::from_secs(10);
+/// How often Kademlia bootstraps (discovers peers beyond the bootstrap nodes).
+const KAD_BOOTSTRAP_EVERY: Duration = Duration::from_secs(30);
+
+/// From the node to the swarm.
+#[derive(Debug)]
+pub enum Command {
+    /// Publish on a gossip topic.
+    Publish {
+        /// [`REGISTRY_TOPIC`] or [`HEARTBEAT_TOPIC`].
+        topic: &'static str,
+        /// A sealed envelope.
+        data: Vec<u8>,
+    },
+    /// The node's verdict on a gossip message.
+    Report {
+        /// The message.
+        msg_id: MessageId,
+        /// Who forwarded it to us.
+        from: PeerId,
+        /// The verdict.
+        acceptance: MessageAcceptance,
+    },
+    /// Send a request; the answer comes back as [`Event::Response`] with the same `tag`.
+    Request {
+        /// The peer.
+        peer: PeerId,
+        /// A sealed envelope.
+        data: Vec<u8>,
+        /// The node's correlation tag.
+        tag: u64,
+    },
+    /// Answer an [`Event::Request`].
+    Respond {
+        /// The id of the request.
+        id: u64,
+        /// Sealed envelopes (possibly none: a bare acknowledgement).
+        frames: Vec<Vec<u8>>,
+    },
+}
+
+/// From the swarm to the node.
+#[derive(Debug)]
+pub enum Event {
+    /// A gossip message waiting for validation.
+    Gossip {
+        /// Its id.
+        msg_id: MessageId,
+        /// Who forwarded it.
+        from: PeerId,
+        /// Its author (signed by libp2p in Strict mode).
+        source: Option<PeerId>,
+        /// The topic.
+        topic: String,
+        /// The payload (a sealed envelope, if well-behaved).
+        data: Vec<u8>,
+    },
+    /// A request from a peer; answer with [`Command::Respond`].
+    Request {
+        /// The peer (authenticated by noise).
+        peer: PeerId,
+        /// The id to answer.
+        id: u64,
+        /// The payload.
+        data: Vec<u8>,
+    },
+    /// The answer to [`Command::Request`].
+    Response {
+        /// The tag of the request.
+        tag: u64,
+        /// The envelopes, or why there are none.
+        result: Result<Vec<Vec<u8>>, String>,
+    },
+    /// First connection to a peer.
+    Connected(PeerId),
+    /// Last connection to a peer closed.
+    Disconnected(PeerId),
+}
+
+/// What `/status` shows about the mesh.
+#[derive(Debug, Default, Clone)]
+pub struct P2pInfo {
+    /// Listen addresses (with `/p2p/<peer id>`).
+    pub listen: Vec<String>,
+    /// Connected peers.
+    pub peers: Vec<String>,
+}
+
+/// The node's side of the swarm task.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    cmd: mpsc::Sender<Command>,
+    metrics: Arc<Metrics>,
+    /// Shared view for `/status`.
+    pub info: Arc<Mutex<P2pInfo>>,
+}
+
+impl Handle {
+    /// Queues a command; a full queue is counted as a drop and returns false.
+    pub fn send(&self, c: Command) -> bool {
+        match self.cmd.try_send(c) {
+            Ok(()) => true,
+            Err(_) => {
+                self.metrics
+                    .queue_dropped
+                    .get_or_create(&Kind::of("p2p_commands"))
+                    .inc();
+                false
+            }
+        }
+    }
+}
+
+/// The network behaviour.
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    gossipsub: gossipsub::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    request_response: request_response::Behaviour<EnvelopeCodec>,
+    connection_limits: connection_limits::Behaviour,
+}
+
+/// The libp2p `PeerId` of a node.
+pub fn peer_id(node: &NodeId) -> Option<PeerId> {
+    PeerId::from_bytes(&node.to_peer_id_bytes()).ok()
+}
+
+/// The node of a libp2p `PeerId` (ed25519 peers only).
+#[cfg(test)]
+pub fn node_id(peer: &PeerId) -> Option<NodeId> {
+    NodeId::from_peer_id_bytes(&peer.to_bytes()).ok()
+}
+
+/// The libp2p keypair of the node key.
+pub fn keypair(key: &NodeKey) -> anyhow::Result<identity::Keypair> {
+    let mut secret = key.secret_bytes();
+    identity::Keypair::ed25519_from_bytes(&mut secret).context("node key as a libp2p identity")
+}
+
+/// Gossip-level checks of one message: the envelope opens (`fedmesh_protocol::open`: framing,
+/// signature, limits, clock) and its signer is the libp2p author of the message (a node
+/// publishes only its own envelopes; a relayed copy keeps the author). Registry checks (version
+/// supersede) come after, in the node.
+pub fn check_gossip(
+    data: &[u8],
+    source: Option<&PeerId>,
+    now_ms: u64,
+) -> Result<Envelope, Rejection> {
+    let env = fedmesh_protocol::open(data, now_ms)?;
+    match (source, peer_id(&env.signer)) {
+        (Some(s), Some(p)) if *s == p => Ok(env),
+        _ => Err(Rejection::HostMismatch),
+    }
+}
+
+/// The gossipsub verdict of a rejection.
+pub fn acceptance(r: &Rejection) -> MessageAcceptance {
+    match r.acceptance() {
+        fedmesh_protocol::Acceptance::Accept => MessageAcceptance::Accept,
+        fedmesh_protocol::Acceptance::Ignore => MessageAcceptance::Ignore,
+        fedmesh_protocol::Acceptance::Reject => MessageAcceptance::Reject,
+    }
+}
+
+fn behaviour(key: &identity::Keypair, cfg: &Config) -> anyhow::Result<Behaviour> {
+    let p = &cfg.p2p;
+    let gcfg = gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(Duration::from_millis(p.gossip_heartbeat_ms.max(50)))
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        .message_id_fn(|m: &gossipsub::Message| {
+            MessageId::from(blake3::hash(&m.data).as_bytes().to_vec())
+        })
+        .max_transmit_size(MAX_ENVELOPE_BYTES + 4096)
+        .mesh_n_low(1)
+        .mesh_n(3)
+        .mesh_n_high(6)
+        .mesh_outbound_min(1)
+        .gossip_lazy(3)
+        .flood_publish(true)
+        .connection_handler_queue_len(1024)
+        .build()
+        .map_err(|e| anyhow::anyhow!("gossipsub config: {e}"))?;
+    let mut gossipsub =
+        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gcfg)
+            .map_err(|e| anyhow::anyhow!("gossipsub: {e}"))?;
+    let mut params = gossipsub::PeerScoreParams::default();
+    for t in [REGISTRY_TOPIC, HEARTBEAT_TOPIC] {
+        // Tiny meshes carry few messages: no penalty for quiet mesh peers, a heavy one for
+        // invalid messages.
+        let tp = gossipsub::TopicScoreParams {
+            mesh_message_deliveries_weight: 0.0,
+            mesh_failure_penalty_weight: 0.0,
+            invalid_message_deliveries_weight: -50.0,
+            invalid_message_deliveries_decay: 0.5,
+            ..Default::default()
+        };
+        params
+            .topics
+            .insert(gossipsub::IdentTopic::new(t).hash(), tp);
+    }
+    gossipsub
+        .with_peer_score(params, gossipsub::PeerScoreThresholds::default())
+        .map_err(|e| anyhow::anyhow!("gossipsub scoring: {e}"))?;
+    for t in [REGISTRY_TOPIC, HEARTBEAT_TOPIC] {
+        gossipsub
+            .subscribe(&gossipsub::IdentTopic::new(t))
+            .map_err(|e| anyhow::anyhow!("subscribing to {t}: {e}"))?;
+    }
+    let pid = key.public().to_peer_id();
+    let mut kad = kad::Behaviour::new(pid, kad::store::MemoryStore::new(pid));
+    kad.set_mode(Some(kad::Mode::Server));
+    let identify = identify::Behaviour::new(
+        identify::Config::new(IDENTIFY_VERSION.into(), key.public())
+            .with_push_listen_addr_updates(true),
+    );
+    let rr_cfg = request_response::Config::default()
+        .with_request_timeout(Duration::from_millis(cfg.routing.offer_timeout_ms.max(500)))
+        .with_max_concurrent_streams(256);
+    let request_response = request_response::Behaviour::with_codec(
+        EnvelopeCodec,
+        [(
+            StreamProtocol::new(RR_PROTOCOL),
+            request_response::ProtocolSupport::Full,
+        )],
+        rr_cfg,
+    );
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(p.max_connections))
+        .with_max_established_per_peer(Some(p.max_connections_per_peer.max(1)))
+        .with_max_pending_incoming(Some(p.max_connections))
+        .with_max_pending_outgoing(Some(p.max_connections));
+    Ok(Behaviour {
+        gossipsub,
+        kad,
+        identify,
+        ping: ping::Behaviour::default(),
+        request_response,
+        connection_limits: connection_limits::Behaviour::new(limits),
+    })
+}
+
+/// A TCP swarm.
+pub fn tcp_swarm(key: &NodeKey, cfg: &Config) -> anyhow::Result<Swarm<Behaviour>> {
+    let kp = keypair(key)?;
+    Ok(SwarmBuilder::with_existing_identity(kp)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )?
+        .with_behaviour(|k| {
+            behaviour(k, cfg).map_err(Into::<Box<dyn std::error::Error + Send + Sync>>::into)
+        })
+        .map_err(|e| anyhow::anyhow!("building the behaviour: {e}"))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .build())
+}
+
+/// An in-process swarm on `/memory/N` addresses (tests).
+#[cfg(test)]
+pub fn memory_swarm(key: &NodeKey, cfg: &Config) -> anyhow::Result<Swarm<Behaviour>> {
+    use libp2p::Transport;
+    use libp2p::core::{transport::MemoryTransport, upgrade};
+    let kp = keypair(key)?;
+    Ok(SwarmBuilder::with_existing_identity(kp)
+        .with_tokio()
+        .with_other_transport(|k| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+            Ok(MemoryTransport::new()
+                .upgrade(upgrade::Version::V1)
+                .authenticate(noise::Config::new(k)?)
+                .multiplex(yamux::Config::default()))
+        })?
+        .with_behaviour(|k| {
+            behaviour(k, cfg).map_err(Into::<Box<dyn std::error::Error + Send + Sync>>::into)
+        })
+        .map_err(|e| anyhow::anyhow!("building the behaviour: {e}"))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .build())
+}
+
+/// Starts listening and dialling, spawns the swarm task.
+pub fn start(
+    mut swarm: Swarm<Behaviour>,
+    listen: &[String],
+    bootstrap: &[String],
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<(Handle, mpsc::Receiver<Event>)> {
+    for (i, a) in listen.iter().enumerate() {
+        let addr: Multiaddr = a
+            .parse()
+            .with_context(|| format!("p2p.listen[{i}] = {a:?}"))?;
+        swarm
+            .listen_on(addr)
+            .with_context(|| format!("p2p.listen[{i}] = {a:?}"))?;
+    }
+    let mut boot = Vec::new();
+    for (i, a) in bootstrap.iter().enumerate() {
+        let addr: Multiaddr = a
+            .parse()
+            .with_context(|| format!("p2p.bootstrap[{i}] = {a:?}"))?;
+        let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+            anyhow::bail!("p2p.bootstrap[{i}] = {a:?} must end in /p2p/<peer id>");
+        };
+        if peer == *swarm.local_peer_id() {
+            continue;
+        }
+        boot.push(Bootstrap {
+            peer,
+            addr,
+            next: Instant::now(),
+            backoff: Duration::from_millis(500),
+        });
+    }
+    let (cmd_tx, cmd_rx) = mpsc::channel(CHANNEL);
+    let (ev_tx, ev_rx) = mpsc::channel(CHANNEL);
+    let info = Arc::new(Mutex::new(P2pInfo::default()));
+    let task = SwarmTask {
+        swarm,
+        events: ev_tx,
+        metrics: metrics.clone(),
+        info: info.clone(),
+        boot,
+        open: HashMap::new(),
+        next_id: 0,
+        outbound: HashMap::new(),
+        connected: HashSet::new(),
+        last_kad_bootstrap: None,
+    };
+    tokio::spawn(task.run(cmd_rx));
+    Ok((
+        Handle {
+            cmd: cmd_tx,
+            metrics,
+            info,
+        },
+        ev_rx,
+    ))
+}
+
+#[derive(Debug)]
+struct Bootstrap {
+    peer: PeerId,
+    addr: Multiaddr,
+    next: Instant,
+    backoff: Duration,
+}
+
+struct SwarmTask {
+    swarm: Swarm<Behaviour>,
+    events: mpsc::Sender<Event>,
+    metrics: Arc<Metrics>,
+    info: Arc<Mutex<P2pInfo>>,
+    boot: Vec<Bootstrap>,
+    open: HashMap<u64, ResponseChannel<Vec<Vec<u8>>>>,
+    next_id: u64,
+    outbound: HashMap<OutboundRequestId, u64>,
+    connected: HashSet<PeerId>,
+    last_kad_bootstrap: Option<Instant>,
+}
+
+impl SwarmTask {
+    async fn run(mut self, mut cmds: mpsc::Receiver<Command>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                c = cmds.recv() => match c {
+                    Some(c) => self.command(c),
+                    None => return,
+                },
+                ev = self.swarm.select_next_some() => self.event(ev),
+                _ = tick.tick() => self.timers(),
+            }
+        }
+    }
+
+    fn emit(&self, ev: Event, what: &str) -> bool {
+        match self.events.try_send(ev) {
+            Ok(()) => true,
+            Err(_) => {
+                self.metrics
+                    .queue_dropped
+                    .get_or_create(&Kind::of(format!("p2p_events_{what}")))
+                    .inc();
+                false
+            }
+        }
+    }
+
+    fn command(&mut self, c: Command) {
+        let b = self.swarm.behaviour_mut();
+        match c {
+            Command::Publish { topic, data } => {
+                if let Err(e) = b.gossipsub.publish(gossipsub::IdentTopic::new(topic), data) {
+                    self.metrics.error("p2p_publish");
+                    tracing::debug!(topic, error = %e, "gossip publish failed");
+                } else {
+                    self.metrics.p2p_out.get_or_create(&Kind::of(topic)).inc();
+                }
+            }
+            Command::Report {
+                msg_id,
+                from,
+                acceptance,
+            } => {
+                b.gossipsub
+                    .report_message_validation_result(&msg_id, &from, acceptance);
+            }
+            Command::Request { peer, data, tag } => {
+                let id = b.request_response.send_request(&peer, data);
+                self.outbound.insert(id, tag);
+            }
+            Command::Respond { id, frames } => {
+                if let Some(ch) = self.open.remove(&id)
+                    && b.request_response.send_response(ch, frames).is_err()
+                {
+                    tracing::debug!("a peer went away before our answer");
+                }
+            }
+        }
+    }
+
+    fn timers(&mut self) {
+        let now = Instant::now();
+        for b in &mut self.boot {
+            if self.connected.contains(&b.peer) || b.next > now {
+                continue;
+            }
+            tracing::debug!(peer = %b.peer, addr = %b.addr, "dialling bootstrap peer");
+            if let Err(e) = self.swarm.dial(b.addr.clone()) {
+                tracing::debug!(error = %e, "dial failed");
+            }
+            b.next = now + b.backoff;
+            b.backoff = (b.backoff * 2).min(MAX_REDIAL);
+        }
+        if !self.connected.is_empty()
+            && self
+                .last_kad_bootstrap
+                .is_none_or(|t| t.elapsed() >= KAD_BOOTSTRAP_EVERY)
+        {
+            self.last_kad_bootstrap = Some(now);
+            let _ = self.swarm.behaviour_mut().kad.bootstrap();
+        }
+    }
+
+    fn refresh_info(&self) {
+        let local = *self.swarm.local_peer_id();
+        let listen = self
+            .swarm
+            .listeners()
+            .map(|a| format!("{a}/p2p/{local}"))
+            .collect();
+        let peers = self.connected.iter().map(ToString::to_string).collect();
+        *self
+            .info
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = P2pInfo { listen, peers };
+        self.metrics.p2p_peers.set(self.connected.len() as i64);
+    }
+
+    fn event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "p2p listening");
+                self.refresh_info();
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                num_established,
+                endpoint,
+                ..
+            } if num_established.get() == 1 => {
+                tracing::info!(peer = %peer_id, addr = %endpoint.get_remote_address(), "peer connected");
+                self.connected.insert(peer_id);
+                if let Some(b) = self.boot.iter_mut().find(|b| b.peer == peer_id) {
+                    b.backoff = Duration::from_millis(500);
+                    let addr = b.addr.clone();
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    self.last_kad_bootstrap = None;
+                }
+                self.emit(Event::Connected(peer_id), "connected");
+                self.refresh_info();
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                tracing::info!(peer = %peer_id, "peer disconnected");
+                self.connected.remove(&peer_id);
+                if let Some(b) = self.boot.iter_mut().find(|b| b.peer == peer_id) {
+                    b.next = Instant::now() + b.backoff;
+                }
+                self.emit(Event::Disconnected(peer_id), "disconnected");
+                self.refresh_info();
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                let kad_proto = info.protocols.contains(&kad::PROTOCOL_NAME);
+                for a in info.listen_addrs.into_iter().take(16) {
+                    self.swarm.add_peer_address(peer_id, a.clone());
+                    if kad_proto {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            })) => {
+                self.metrics
+                    .p2p_in
+                    .get_or_create(&Kind::of(message.topic.as_str()))
+                    .inc();
+                let ev = Event::Gossip {
+                    msg_id: message_id.clone(),
+                    from: propagation_source,
+                    source: message.source,
+                    topic: message.topic.into_string(),
+                    data: message.data,
+                };
+                if !self.emit(ev, "gossip") {
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .report_message_validation_result(
+                            &message_id,
+                            &propagation_source,
+                            MessageAcceptance::Ignore,
+                        );
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RequestResponse(ev)) => self.rr_event(ev),
+            _ => {}
+        }
+    }
+
+    fn rr_event(&mut self, ev: request_response::Event<Vec<u8>, Vec<Vec<u8>>>) {
+        use request_response::{Event as E, Message as M};
+        match ev {
+            E::Message {
+                peer,
+                message: M::Request {
+                    request, channel, ..
+                },
+                ..
+            } => {
+                self.metrics
+                    .p2p_in
+                    .get_or_create(&Kind::of("request"))
+                    .inc();
+                if self.open.len() >= MAX_OPEN_REQUESTS {
+                    self.metrics
+                        .queue_dropped
+                        .get_or_create(&Kind::of("p2p_open_requests"))
+                        .inc();
+                    return; // dropping the channel fails the peer's request
+                }
+                self.next_id += 1;
+                let id = self.next_id;
+                if self.emit(
+                    Event::Request {
+                        peer,
+                        id,
+                        data: request,
+                    },
+                    "request",
+                ) {
+                    self.open.insert(id, channel);
+                }
+            }
+            E::Message {
+                message:
+                    M::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(tag) = self.outbound.remove(&request_id) {
+                    self.emit(
+                        Event::Response {
+                            tag,
+                            result: Ok(response),
+                        },
+                        "response",
+                    );
+                }
+            }
+            E::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(tag) = self.outbound.remove(&request_id) {
+                    self.emit(
+                        Event::Response {
+                            tag,
+                            result: Err(error.to_string()),
+                        },
+                        "response",
+                    );
+                }
+            }
+            E::InboundFailure { error, .. } => {
+                tracing::debug!(%error, "inbound request failed");
+                self.open.retain(|_, ch| ch.is_open());
+            }
+            E::ResponseSent { .. } => {}
+        }
+    }
+}
+
+/// Request-response codec: a request is the raw bytes of one sealed envelope (at most
+/// `MAX_ENVELOPE_BYTES`); a response is a sequence of `u32 little-endian length ‖ envelope`
+/// frames (at most [`MAX_RESPONSE_BYTES`] in all). Each side closes its write half after writing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EnvelopeCodec;
+
+async fn read_limited<T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    max: usize,
+) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    io.take(max as u64 + 1).read_to_end(&mut buf).await?;
+    if buf.len() > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "message too large",
+        ));
+    }
+    Ok(buf)
+}
+
+/// Encodes response frames.
+pub fn encode_frames(frames: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(frames.iter().map(|f| f.len() + 4).sum());
+    for f in frames {
+        out.extend_from_slice(&(f.len() as u32).to_le_bytes());
+        out.extend_from_slice(f);
+    }
+    out
+}
+
+/// Decodes response frames.
+pub fn decode_frames(mut buf: &[u8]) -> std::io::Result<Vec<Vec<u8>>> {
+    let bad = |m: &'static str| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        let (len, rest) = buf
+            .split_first_chunk::<4>()
+            .ok_or(bad("truncated length"))?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > MAX_ENVELOPE_BYTES || len > rest.len() {
+            return Err(bad("bad frame length"));
+        }
+        let (f, rest) = rest.split_at(len);
+        out.push(f.to_vec());
+        buf = rest;
+    }
+    Ok(out)
+}
+
+impl request_response::Codec for EnvelopeCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<Vec<u8>>;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Vec<u8>>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_limited(io, MAX_ENVELOPE_BYTES).await
+    }
+
+    async fn read_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<Vec<Vec<u8>>>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let buf = read_limited(io, MAX_RESPONSE_BYTES).await?;
+        decode_frames(&buf)
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> std::io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        io.write_all(&req).await?;
+        io.close().await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<Vec<u8>>,
+    ) -> std::io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        io.write_all(&encode_frames(&res)).await?;
+        io.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedmesh_protocol::{Message, sample};
+
+    #[test]
+    fn frames_round_trip_and_bad_frames_are_errors() {
+        let f = vec![vec![1, 2, 3], vec![], vec![9; 100]];
+        assert_eq!(decode_frames(&encode_frames(&f)).expect("decode"), f);
+        assert!(decode_frames(&[1, 0, 0]).is_err());
+        assert!(decode_frames(&[10, 0, 0, 0, 1]).is_err());
+    }
+
+    #[test]
+    fn peer_ids_and_node_ids_agree() {
+        let key = sample::key(3);
+        let kp = keypair(&key).expect("keypair");
+        let pid = kp.public().to_peer_id();
+        assert_eq!(peer_id(&key.node_id()), Some(pid));
+        assert_eq!(node_id(&pid), Some(key.node_id()));
+        assert_eq!(pid.to_string(), key.node_id().to_string());
+    }
+
+    #[test]
+    fn gossip_from_another_author_is_rejected() {
+        let now = 1_790_000_000_000;
+        let a = sample::key(1);
+        let b = sample::key(2);
+        let vcv = sample::vcv(&a, "x", 1, now);
+        let env = fedmesh_protocol::seal(&a, now, &Message::Advertise(vcv)).expect("seal");
+        let pa = peer_id(&a.node_id()).expect("pid");
+        let pb = peer_id(&b.node_id()).expect("pid");
+        assert!(check_gossip(&env, Some(&pa), now).is_ok());
+        let r = check_gossip(&env, Some(&pb), now).expect_err("wrong author");
+        assert_eq!(acceptance(&r), MessageAcceptance::Reject);
+        assert!(check_gossip(&env, None, now).is_err());
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<Event>, f: impl Fn(&Event) -> bool) -> Event {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let ev = tokio::time::timeout_at(deadline, rx.recv())
+                .await
+                .expect("event in time")
+                .expect("channel open");
+            if f(&ev) {
+                return ev;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn two_swarms_gossip_and_answer_requests_over_memory() {
+        let cfg = Config::default();
+        let metrics = Arc::new(Metrics::new(
+            &mut prometheus_client::registry::Registry::default(),
+        ));
+        let (k1, k2) = (sample::key(11), sample::key(12));
+        let port = 1_000_000 + u64::from(rand::random::<u32>());
+        let a1 = format!("/memory/{port}");
+        let (h1, mut e1) = start(
+            memory_swarm(&k1, &cfg).expect("swarm"),
+            std::slice::from_ref(&a1),
+            &[],
+            metrics.clone(),
+        )
+        .expect("start 1");
+        let boot = format!("{a1}/p2p/{}", k1.node_id());
+        let (h2, mut e2) = start(
+            memory_swarm(&k2, &cfg).expect("swarm"),
+            &[format!("/memory/{}", port + 1)],
+            &[boot],
+            metrics,
+        )
+        .expect("start 2");
+        let p1 = peer_id(&k1.node_id()).expect("pid");
+        let p2 = peer_id(&k2.node_id()).expect("pid");
+        next(&mut e1, |e| matches!(e, Event::Connected(p) if *p == p2)).await;
+        next(&mut e2, |e| matches!(e, Event::Connected(p) if *p == p1)).await;
+
+        // Gossip: publish until node 2 has subscribed and receives it.
+        let mut got = None;
+        for i in 0u8..50 {
+            h1.send(Command::Publish {
+                topic: REGISTRY_TOPIC,
+                data: vec![i; 8],
+            });
+            if let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(200), e2.recv()).await
+                && let Event::Gossip { source, from, .. } = &ev
+            {
+                assert_eq!(*source, Some(p1));
+                assert_eq!(*from, p1);
+                got = Some(ev);
+                break;
+            }
+        }
+        assert!(got.is_some(), "gossip never arrived");
+
+        // Request-response.
+        h2.send(Command::Request {
+            peer: p1,
+            data: b"hello".to_vec(),
+            tag: 7,
+        });
+        let Event::Request { id, data, peer } =
+            next(&mut e1, |e| matches!(e, Event::Request { .. })).await
+        else {
+            unreachable!()
+        };
+        assert_eq!((data.as_slice(), peer), (&b"hello"[..], p2));
+        h1.send(Command::Respond {
+            id,
+            frames: vec![b"a".to_vec(), b"bc".to_vec()],
+        });
+        let ev = next(&mut e2, |e| matches!(e, Event::Response { .. })).await;
+        let Event::Response { tag, result } = ev else {
+            unreachable!()
+        };
+        assert_eq!(tag, 7);
+        assert_eq!(result, Ok(vec![b"a".to_vec(), b"bc".to_vec()]));
+    }
+}

@@ -1,0 +1,255 @@
+//! Federation over libp2p with real `fedmesh run` processes on loopback: registry replication,
+//! a task submitted at one node served by an agent on another, and `kill -9` of either node
+//! mid-task.
+
+use std::time::{Duration, Instant};
+
+use fedmesh_tests::mqtt::{Client, advert, connect};
+use fedmesh_tests::{TestNode, free_port};
+use serde_json::json;
+
+fn p2p_env(port: u16, bootstrap: Option<&str>) -> Vec<(String, String)> {
+    let mut env = vec![
+        (
+            "FEDMESH_P2P__LISTEN".to_string(),
+            format!("/ip4/127.0.0.1/tcp/{port}"),
+        ),
+        ("FEDMESH_P2P__SYNC_INTERVAL_S".to_string(), "2".to_string()),
+    ];
+    if let Some(b) = bootstrap {
+        env.push(("FEDMESH_P2P__BOOTSTRAP".to_string(), b.to_string()));
+    }
+    env
+}
+
+fn addr_of(node: &TestNode, port: u16) -> String {
+    let id = node.status().expect("status")["node_id"]
+        .as_str()
+        .expect("node_id")
+        .to_string();
+    format!("/ip4/127.0.0.1/tcp/{port}/p2p/{id}")
+}
+
+fn wait_for(
+    what: &str,
+    timeout: Duration,
+    node: &TestNode,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) {
+    let start = Instant::now();
+    loop {
+        if let Ok(s) = node.status()
+            && pred(&s)
+        {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{what}: not within {timeout:?}; status: {:?}",
+            node.status().ok()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn peers(s: &serde_json::Value) -> usize {
+    s["p2p"]["peers"].as_array().map_or(0, Vec::len)
+}
+
+fn has_remote_agent(s: &serde_json::Value, name: &str) -> bool {
+    s["agents"].as_array().is_some_and(|a| {
+        a.iter().any(|x| {
+            x["local"] == false
+                && x["id"]
+                    .as_str()
+                    .is_some_and(|i| i.starts_with(&format!("{name}@")))
+        })
+    })
+}
+
+async fn worker(node: &TestNode) -> Client {
+    let mut a = connect(node.mqtt_v4, "worker", &["fedmesh/v1/agent/worker/inbox"])
+        .await
+        .expect("agent");
+    a.send(
+        "fedmesh/v1/agent/worker/advertise",
+        advert("Doubles numbers", 4),
+    )
+    .await
+    .expect("advertise");
+    a.expect("advertised").await.expect("ack");
+    a
+}
+
+async fn answer(a: &Client, task: &serde_json::Value) {
+    let x: u64 = task["input"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    a.send(
+        "fedmesh/v1/agent/worker/result",
+        json!({"task_id": task["task_id"], "output": (2 * x).to_string()}),
+    )
+    .await
+    .expect("result");
+}
+
+fn submit(id: &str, input: &str) -> serde_json::Value {
+    json!({"request_id": id, "description": "double", "input": input, "deadline_ms": 120000})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_route_a_task_across_the_mesh() {
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let a = TestNode::start_with(p2p_env(pa, None)).expect("node A");
+    let boot = addr_of(&a, pa);
+    let b = TestNode::start_with(p2p_env(pb, Some(&boot))).expect("node B");
+    let c = TestNode::start_with(p2p_env(pc, Some(&boot))).expect("node C");
+    wait_for("A sees B and C", Duration::from_secs(20), &a, |s| {
+        peers(s) >= 2
+    });
+
+    let w = worker(&c).await;
+    wait_for("A learns C's agent", Duration::from_secs(20), &a, |s| {
+        has_remote_agent(s, "worker")
+    });
+    wait_for("B learns C's agent", Duration::from_secs(20), &b, |s| {
+        has_remote_agent(s, "worker")
+    });
+
+    let mut req = connect(a.mqtt_v4, "req", &["fedmesh/v1/client/req/inbox"])
+        .await
+        .expect("requester");
+    req.send("fedmesh/v1/client/req/submit", submit("r1", "21"))
+        .await
+        .expect("submit");
+    req.expect("accepted").await.expect("accepted");
+    let mut w = w;
+    let task = w
+        .expect_within("task", Duration::from_secs(15))
+        .await
+        .expect("task reaches the agent on C");
+    answer(&w, &task).await;
+    let r = req
+        .expect_within("result", Duration::from_secs(15))
+        .await
+        .expect("result returns to A");
+    assert_eq!(r["output"], "42", "{r}");
+    assert_eq!(r["request_id"], "r1");
+
+    // A requester at B is served by the same agent (B was never connected to C by bootstrap).
+    let mut req_b = connect(b.mqtt_v4, "reqb", &["fedmesh/v1/client/reqb/inbox"])
+        .await
+        .expect("requester at B");
+    req_b
+        .send("fedmesh/v1/client/reqb/submit", submit("rb", "5"))
+        .await
+        .expect("submit");
+    let task = w
+        .expect_within("task", Duration::from_secs(15))
+        .await
+        .expect("task from B reaches the agent on C");
+    answer(&w, &task).await;
+    let r = req_b
+        .expect_within("result", Duration::from_secs(15))
+        .await
+        .expect("result returns to B");
+    assert_eq!(r["output"], "10", "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosting_node_killed_mid_task_still_completes() {
+    let (pa, pc) = (free_port(), free_port());
+    let a = TestNode::start_with(p2p_env(pa, None)).expect("node A");
+    let boot = addr_of(&a, pa);
+    let mut c = TestNode::start_with(p2p_env(pc, Some(&boot))).expect("node C");
+    wait_for("A sees C", Duration::from_secs(20), &a, |s| peers(s) >= 1);
+    let mut w = worker(&c).await;
+    wait_for("A learns C's agent", Duration::from_secs(20), &a, |s| {
+        has_remote_agent(s, "worker")
+    });
+    let mut req = connect(a.mqtt_v4, "req", &["fedmesh/v1/client/req/inbox"])
+        .await
+        .expect("requester");
+    req.send("fedmesh/v1/client/req/submit", submit("k1", "8"))
+        .await
+        .expect("submit");
+    let task = w
+        .expect_within("task", Duration::from_secs(15))
+        .await
+        .expect("task on C");
+    // C dies holding the task; the agent comes back after C restarts.
+    c.kill9();
+    drop(w);
+    c.restart().expect("restart C");
+    wait_for("A sees C again", Duration::from_secs(30), &a, |s| {
+        peers(s) >= 1
+    });
+    let mut w = worker(&c).await;
+    let again = w
+        .expect_within("task", Duration::from_secs(15))
+        .await
+        .expect("the restarted node hands the hosted task to the agent again");
+    assert_eq!(again["task_id"], task["task_id"]);
+    answer(&w, &again).await;
+    let r = req
+        .expect_within("result", Duration::from_secs(30))
+        .await
+        .expect("result returns to A");
+    assert_eq!(r["output"], "16", "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_node_killed_mid_task_still_completes() {
+    let (pa, pc) = (free_port(), free_port());
+    let mut a = TestNode::start_with(p2p_env(pa, None)).expect("node A");
+    let boot = addr_of(&a, pa);
+    let c = TestNode::start_with(p2p_env(pc, Some(&boot))).expect("node C");
+    wait_for("A sees C", Duration::from_secs(20), &a, |s| peers(s) >= 1);
+    let mut w = worker(&c).await;
+    wait_for("A learns C's agent", Duration::from_secs(20), &a, |s| {
+        has_remote_agent(s, "worker")
+    });
+    let mut req = connect(a.mqtt_v4, "req", &["fedmesh/v1/client/req/inbox"])
+        .await
+        .expect("requester");
+    req.send("fedmesh/v1/client/req/submit", submit("o1", "50"))
+        .await
+        .expect("submit");
+    req.expect("accepted").await.expect("accepted");
+    let task = w
+        .expect_within("task", Duration::from_secs(15))
+        .await
+        .expect("task on C");
+    // A dies; the agent answers while A is down; C keeps the result until A acknowledges it.
+    a.kill9();
+    drop(req);
+    answer(&w, &task).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.restart().expect("restart A");
+    let mut req = connect(a.mqtt_v4, "req", &["fedmesh/v1/client/req/inbox"])
+        .await
+        .expect("requester");
+    // The result may arrive on its own, or as the answer to a repeated (idempotent) submit.
+    let start = Instant::now();
+    let r = loop {
+        req.send("fedmesh/v1/client/req/submit", submit("o1", "50"))
+            .await
+            .expect("resubmit");
+        if let Ok(r) = req.expect_within("result", Duration::from_secs(3)).await {
+            break r;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "no result after the origin restarted"
+        );
+    };
+    assert_eq!(r["output"], "100", "{r}");
+    assert_eq!(r["request_id"], "o1");
+    wait_for(
+        "A records the task completed",
+        Duration::from_secs(5),
+        &a,
+        |s| s["tasks"]["completed"] == 1,
+    );
+}
