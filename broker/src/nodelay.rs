@@ -83,8 +83,10 @@ mod imp {
         matches!(e, Errno::NOSYS | Errno::PERM | Errno::ACCESS)
     }
 
-    /// Owned duplicates of this process's socket descriptors.
-    fn sockets() -> Result<impl Iterator<Item = OwnedFd>, NodelayError> {
+    /// Owned duplicates of this process's socket descriptors, made one at a time (each
+    /// is closed before the next is made unless the caller keeps it, so a process with
+    /// thousands of connections does not double its descriptor count).
+    fn sockets() -> Result<impl Iterator<Item = Result<OwnedFd, NodelayError>>, NodelayError> {
         let pidfd = pidfd_open(getpid(), PidfdFlags::empty()).map_err(|e| {
             if unavailable(e) {
                 NodelayError::Unavailable(format!("pidfd_open: {e}"))
@@ -109,31 +111,34 @@ mod imp {
                 raw_fds.push(raw);
             }
         }
-        let mut fds = Vec::with_capacity(raw_fds.len());
-        for raw in raw_fds {
+        Ok(raw_fds.into_iter().filter_map(move |raw| {
             match pidfd_getfd(&pidfd, raw, PidfdGetfdFlags::empty()) {
-                Ok(fd) => fds.push(fd),
+                Ok(fd) => Some(Ok(fd)),
                 Err(e) if unavailable(e) => {
-                    return Err(NodelayError::Unavailable(format!("pidfd_getfd: {e}")));
+                    Some(Err(NodelayError::Unavailable(format!("pidfd_getfd: {e}"))))
                 }
                 // Closed meanwhile (EBADF), or something we need not look at.
-                Err(_) => {}
+                Err(_) => None,
             }
-        }
-        Ok(fds.into_iter())
+        }))
+    }
+
+    fn bound_to(fd: &OwnedFd, addr: SocketAddr) -> bool {
+        rustix::net::getsockname(fd)
+            .ok()
+            .and_then(|a| SocketAddr::try_from(a).ok())
+            == Some(addr)
     }
 
     /// A duplicate of the listening TCP socket bound to `addr`.
     pub(crate) fn find_listener(addr: SocketAddr) -> Result<OwnedFd, NodelayError> {
-        sockets()?
-            .find(|fd| {
-                sockopt::socket_acceptconn(fd).unwrap_or(false)
-                    && rustix::net::getsockname(fd)
-                        .ok()
-                        .and_then(|a| SocketAddr::try_from(a).ok())
-                        == Some(addr)
-            })
-            .ok_or(NodelayError::NotFound(addr))
+        for fd in sockets()? {
+            let fd = fd?;
+            if sockopt::socket_acceptconn(&fd).unwrap_or(false) && bound_to(&fd, addr) {
+                return Ok(fd);
+            }
+        }
+        Err(NodelayError::NotFound(addr))
     }
 
     /// TCP_NODELAY of every accepted (non-listening) socket of this process whose local
@@ -142,15 +147,12 @@ mod imp {
     pub(crate) fn accepted_nodelay(addr: SocketAddr) -> Vec<bool> {
         sockets()
             .map(|fds| {
-                fds.filter(|fd| {
-                    !sockopt::socket_acceptconn(fd).unwrap_or(true)
-                        && rustix::net::getsockname(fd)
-                            .ok()
-                            .and_then(|a| SocketAddr::try_from(a).ok())
-                            == Some(addr)
-                })
-                .map(|fd| sockopt::tcp_nodelay(&fd).unwrap_or(false))
-                .collect()
+                fds.filter_map(Result::ok)
+                    .filter(|fd| {
+                        !sockopt::socket_acceptconn(fd).unwrap_or(true) && bound_to(fd, addr)
+                    })
+                    .map(|fd| sockopt::tcp_nodelay(&fd).unwrap_or(false))
+                    .collect()
             })
             .unwrap_or_default()
     }
