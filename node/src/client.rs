@@ -524,6 +524,8 @@ pub async fn agent_exec(opts: ExecOpts) -> anyhow::Result<()> {
         false,
     ));
     let (client, mut eventloop) = AsyncClient::new(mqtt, 64);
+    // rumqttc leaves Nagle on; small MQTT packets would wait for delayed ACKs (~40 ms).
+    eventloop.network_options.set_tcp_nodelay(true);
     let exec = Arc::new(Exec {
         client: client.clone(),
         topics,
@@ -737,6 +739,7 @@ pub async fn task_submit(opts: SubmitOpts) -> anyhow::Result<TaskOutcome> {
         .map_err(|e| anyhow!("invalid task: {}: {}", e.field, e.reason))?;
 
     let (client, mut eventloop) = AsyncClient::new(opts.connect.mqtt_options()?, 16);
+    eventloop.network_options.set_tcp_nodelay(true);
     let give_up = tokio::time::sleep(opts.deadline.saturating_add(RESULT_GRACE));
     tokio::pin!(give_up);
     let mut connected_once = false;

@@ -228,6 +228,7 @@ pub mod mqtt {
         opts.set_keep_alive(Duration::from_secs(10));
         opts.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut ev): (AsyncClient, EventLoop) = AsyncClient::new(opts, 64);
+        ev.network_options.set_tcp_nodelay(true);
         for s in subs {
             client.subscribe(*s, QoS::AtLeastOnce).await?;
         }
