@@ -108,11 +108,11 @@ fn remove_and_move_keep_the_index_consistent() {
     let mut items = HashMap::new();
     for (i, e) in data.iter().enumerate() {
         let k = i as Key;
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             assert!(idx.remove(k));
             assert!(!idx.remove(k), "second remove is a no-op");
             assert!(!idx.contains(k));
-        } else if i % 5 == 0 {
+        } else if i.is_multiple_of(5) {
             let e2 = emb(50_000 + i as u64);
             assert!(!idx.upsert(k, &e2).unwrap(), "update, not insert");
             assert_eq!(idx.vector(k).unwrap(), e2.q.as_slice());
@@ -129,7 +129,7 @@ fn remove_and_move_keep_the_index_consistent() {
         let q = emb(90_000 + s);
         let got = idx.search_nprobe(&q, 10, idx.nlist(), |_| true).unwrap();
         assert_eq!(got, brute(&items, &q, 10, |_| true));
-        assert!(got.iter().all(|(k, _)| k % 3 != 0));
+        assert!(got.iter().all(|(k, _)| !k.is_multiple_of(3)));
     }
 }
 
@@ -251,11 +251,37 @@ proptest! {
             prop_assert_eq!(idx.len(), model.len());
         }
         let q = emb(q);
-        let want = brute(&model, &q, 10, |k| k % 2 == 0);
-        prop_assert_eq!(idx.search_exact(&q, 10, |k| k % 2 == 0).unwrap(), want.clone());
-        prop_assert_eq!(idx.search_nprobe(&q, 10, idx.nlist(), |k| k % 2 == 0).unwrap(), want);
+        let want = brute(&model, &q, 10, |k: Key| k.is_multiple_of(2));
+        prop_assert_eq!(idx.search_exact(&q, 10, |k: Key| k.is_multiple_of(2)).unwrap(), want.clone());
+        prop_assert_eq!(idx.search_nprobe(&q, 10, idx.nlist(), |k: Key| k.is_multiple_of(2)).unwrap(), want);
         // The default probe count returns k results whenever k pass the filter.
         let some = idx.search(&q, 10, |_| true).unwrap();
         prop_assert_eq!(some.len(), model.len().min(10));
     }
+}
+
+proptest! {
+    /// The vectorised kernel equals the naive sum for every length and every value in
+    /// `-127..=127`.
+    #[test]
+    fn dot_i8_matches_naive(pairs in proptest::collection::vec((-127i8..=127, -127i8..=127), 0..700)) {
+        let (a, b): (Vec<i8>, Vec<i8>) = pairs.into_iter().unzip();
+        let naive: i32 = a.iter().zip(&b).map(|(&x, &y)| i32::from(x) * i32::from(y)).sum();
+        prop_assert_eq!(dot_i8(&a, &b), naive);
+    }
+}
+
+#[test]
+fn minus_128_is_clamped_not_overflowed() {
+    let mut idx = AnnIndex::new(SAMPLE_SPACE, DIM, IndexParams::default()).unwrap();
+    let e = Embedding {
+        space: SAMPLE_SPACE.into(),
+        scale: 1.0 / 1024.0,
+        q: vec![-128; DIM],
+    };
+    idx.upsert(3, &e).unwrap();
+    assert_eq!(idx.vector(3).unwrap(), vec![-127i8; DIM].as_slice());
+    let hits = idx.search(&e, 1, |_| true).unwrap();
+    assert_eq!(hits.len(), 1);
+    assert!((hits[0].1 - 1.0).abs() < 1e-6, "{hits:?}");
 }
