@@ -417,19 +417,58 @@ struct Withdrawal {
     until_ms: u64,
 }
 
+/// Hashes a dedup key (pseudo-random signature bytes) by mixing its first 8 bytes with a
+/// per-node secret, so that a peer grinding signatures cannot aim at one bucket.
+#[derive(Clone, Copy, Debug, Default)]
+struct KeyHasher {
+    secret: u64,
+    h: u64,
+}
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        let mut z = self.h ^ self.secret;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut b = [0u8; 8];
+        let n = bytes.len().min(8);
+        b[..n].copy_from_slice(&bytes[..n]);
+        self.h = self.h.rotate_left(5) ^ u64::from_le_bytes(b);
+    }
+
+    fn write_usize(&mut self, _len: usize) {}
+}
+
+#[derive(Clone, Copy, Debug)]
+struct KeyHasherBuilder(u64);
+
+impl std::hash::BuildHasher for KeyHasherBuilder {
+    type Hasher = KeyHasher;
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher {
+            secret: self.0,
+            h: 0,
+        }
+    }
+}
+
 /// A bounded FIFO set of dedup keys.
 #[derive(Debug)]
 struct SeenCache {
-    set: HashSet<[u8; 32]>,
+    set: HashSet<[u8; 32], KeyHasherBuilder>,
     order: VecDeque<[u8; 32]>,
     capacity: usize,
 }
 
 impl SeenCache {
-    fn new(capacity: usize) -> Self {
+    fn new(capacity: usize, secret: u64) -> Self {
         Self {
-            set: HashSet::with_capacity(capacity.min(1 << 16)),
-            order: VecDeque::with_capacity(capacity.min(1 << 16)),
+            set: HashSet::with_hasher(KeyHasherBuilder(secret)),
+            order: VecDeque::new(),
             capacity,
         }
     }
@@ -539,11 +578,12 @@ impl<V: Verify> Federation<V> {
         cfg.validate()?;
         let mut rng = SplitMix64::new(seed);
         let first_ae = now_ms.saturating_add(rng.below(cfg.anti_entropy_interval_ms.max(1)));
+        let secret = rng.next_u64();
         Ok(Self {
             me: key.node_id(),
             key,
             registry: Registry::new(cfg.max_agents),
-            seen: SeenCache::new(cfg.seen_capacity),
+            seen: SeenCache::new(cfg.seen_capacity, secret),
             peers: BTreeMap::new(),
             local: BTreeMap::new(),
             withdrawals: BTreeMap::new(),
