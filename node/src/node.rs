@@ -312,8 +312,8 @@ impl Node {
                     for agent in self.registry.expire(now) {
                         tracing::debug!(%agent, "capability vector expired");
                     }
-                    self.fed_tick(now);
-                    let outputs = self.tasks.tick(&self.registry, now);
+                    let mut outputs = self.fed_tick(now);
+                    outputs.extend(self.tasks.tick(&self.registry, now));
                     let changed = !outputs.is_empty() || self.unflushed;
                     self.execute(outputs).await?;
                     status_every += 1;

@@ -23,6 +23,9 @@ fn p2p_env(port: u16, bootstrap: Option<&str>) -> Vec<(String, String)> {
 }
 
 fn addr_of(node: &TestNode, port: u16) -> String {
+    wait_for("node id in /status", Duration::from_secs(10), node, |s| {
+        s["node_id"].is_string()
+    });
     let id = node.status().expect("status")["node_id"]
         .as_str()
         .expect("node_id")

@@ -65,11 +65,28 @@ struct Outgoing {
 
 #[derive(Debug)]
 enum Pending {
-    Offer { task: TaskId, agent: AgentId },
+    Offer(OfferSent),
     Send((TaskId, bool)),
     Digest,
     Pull(PeerId),
 }
+
+/// An offer in flight (kept to resend it after a transport failure).
+#[derive(Debug, Clone)]
+struct OfferSent {
+    task: TaskId,
+    agent: AgentId,
+    peer: PeerId,
+    data: Vec<u8>,
+    tries: u32,
+}
+
+/// Sends of one offer before a transport failure counts as a decline. A failure does not say
+/// whether the host accepted (it may have persisted the task and died before answering), so the
+/// same offer (idempotent at the host) is tried again first.
+const OFFER_TRIES: u32 = 3;
+/// Wait before an offer is resent.
+const OFFER_RETRY: Duration = Duration::from_millis(1000);
 
 /// Federation state of the node.
 #[derive(Debug)]
@@ -77,8 +94,12 @@ pub(super) struct Fed {
     hosted: HashMap<TaskId, Hosted>,
     /// Unacknowledged progress (`false`) and results (`true`) of hosted tasks.
     outbox: HashMap<(TaskId, bool), Outgoing>,
-    pending: HashMap<u64, Pending>,
+    pending: HashMap<u64, (Instant, Pending)>,
+    /// Offers waiting to be resent.
+    offer_retry: Vec<(Instant, OfferSent)>,
     next_tag: u64,
+    /// The remote load last set per agent from heartbeats (to subtract our own share).
+    remote_load: HashMap<AgentId, u16>,
     connected: HashSet<PeerId>,
     heartbeat_seq: HashMap<NodeId, u64>,
     my_seq: u64,
@@ -94,6 +115,8 @@ impl Fed {
             outbox: HashMap::new(),
             pending: HashMap::new(),
             next_tag: 0,
+            remote_load: HashMap::new(),
+            offer_retry: Vec::new(),
             connected: HashSet::new(),
             heartbeat_seq: HashMap::new(),
             my_seq: 0,
@@ -169,7 +192,9 @@ pub(crate) fn ingest_registry(
 impl Node {
     fn tag(&mut self, p: Pending) -> u64 {
         self.fed.next_tag += 1;
-        self.fed.pending.insert(self.fed.next_tag, p);
+        self.fed
+            .pending
+            .insert(self.fed.next_tag, (Instant::now(), p));
         self.fed.next_tag
     }
 
@@ -389,11 +414,14 @@ impl Node {
         let sent = match (self.seal(&m, now), p2p::peer_id(&agent.node)) {
             (Some(data), Some(peer)) => self.request(
                 peer,
-                data,
-                Pending::Offer {
+                data.clone(),
+                Pending::Offer(OfferSent {
                     task: id,
                     agent: agent.clone(),
-                },
+                    peer,
+                    data,
+                    tries: 1,
+                }),
             ),
             _ => false,
         };
@@ -502,8 +530,17 @@ impl Node {
         }
         self.fed.heartbeat_seq.insert(env.signer, seq);
         for l in load {
-            self.tasks
-                .set_remote_load(AgentId::new(env.signer, l.agent), l.inflight);
+            // The host's count includes the tasks we gave it; ours are counted already.
+            let agent = AgentId::new(env.signer, l.agent);
+            let prev = self.fed.remote_load.get(&agent).copied().unwrap_or(0);
+            let ours = self.tasks.load(&agent).saturating_sub(prev);
+            let theirs = l.inflight.saturating_sub(ours);
+            if theirs == 0 {
+                self.fed.remote_load.remove(&agent);
+            } else if self.fed.remote_load.len() < self.cfg.limits.max_agents_per_node {
+                self.fed.remote_load.insert(agent.clone(), theirs);
+            }
+            self.tasks.set_remote_load(agent, theirs);
         }
         MessageAcceptance::Accept
     }
@@ -702,11 +739,22 @@ impl Node {
 
     fn on_response(&mut self, tag: u64, result: Result<Vec<Vec<u8>>, String>) -> Vec<Output> {
         let now = now_ms();
-        let Some(p) = self.fed.pending.remove(&tag) else {
+        let Some((_, p)) = self.fed.pending.remove(&tag) else {
             return vec![];
         };
         match p {
-            Pending::Offer { task, agent } => {
+            Pending::Offer(sent) => {
+                let (task, agent) = (sent.task, sent.agent.clone());
+                if result.is_err()
+                    && sent.tries < OFFER_TRIES
+                    && self.fed.offer_retry.len() < self.cfg.limits.max_inflight_tasks
+                {
+                    tracing::debug!(%task, %agent, tries = sent.tries, "offer failed; resending");
+                    self.fed
+                        .offer_retry
+                        .push((Instant::now() + OFFER_RETRY, sent));
+                    return vec![];
+                }
                 let verdict = match &result {
                     Ok(frames) => match frames.first().map(|f| fedmesh_protocol::open(f, now)) {
                         Some(Ok(env)) if env.signer == agent.node => match env.message {
@@ -789,7 +837,50 @@ impl Node {
     }
 
     /// Timers: heartbeats, anti-entropy, re-advertisement, result retries, hosted expiry.
-    pub(super) fn fed_tick(&mut self, now: u64) {
+    /// Returns the outputs of requests whose answer was lost (counted as failures).
+    pub(super) fn fed_tick(&mut self, now: u64) -> Vec<Output> {
+        // A request always ends in a response or a failure event, unless the event queue was
+        // full; such requests are failed here so nothing waits forever.
+        let lost_after = Duration::from_millis(self.cfg.routing.offer_timeout_ms.max(500))
+            + Duration::from_secs(5);
+        let lost: Vec<u64> = self
+            .fed
+            .pending
+            .iter()
+            .filter(|(_, (at, _))| at.elapsed() > lost_after)
+            .map(|(t, _)| *t)
+            .collect();
+        let mut out = Vec::new();
+        for tag in lost {
+            out.extend(self.on_response(tag, Err("answer lost".into())));
+        }
+        // Resend offers whose task is still assigned to that agent.
+        let now_i = Instant::now();
+        let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fed.offer_retry)
+            .into_iter()
+            .partition(|(at, _)| *at <= now_i);
+        self.fed.offer_retry = wait;
+        for (_, mut sent) in due {
+            let held = self.tasks.get(&sent.task).is_some_and(|r| {
+                r.agent.as_ref() == Some(&sent.agent)
+                    && r.state == fedmesh_protocol::task::TaskState::Assigned
+            });
+            if !held {
+                continue;
+            }
+            sent.tries += 1;
+            let (peer, data) = (sent.peer, sent.data.clone());
+            let (task, agent) = (sent.task, sent.agent.clone());
+            if !self.request(peer, data, Pending::Offer(sent)) {
+                out.extend(self.tasks.declined(
+                    &agent,
+                    task,
+                    "offer not sent",
+                    &self.registry,
+                    now,
+                ));
+            }
+        }
         if self.fed.last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
             self.fed.last_heartbeat = Instant::now();
             self.heartbeat(now);
@@ -854,6 +945,7 @@ impl Node {
             self.unflushed = true;
             self.update_hosted_load(&name);
         }
+        out
     }
 
     fn heartbeat(&mut self, now: u64) {
