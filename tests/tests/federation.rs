@@ -158,6 +158,15 @@ async fn three_nodes_route_a_task_across_the_mesh() {
         .await
         .expect("result returns to B");
     assert_eq!(r["output"], "10", "{r}");
+
+    // A node that joins later learns the agent by anti-entropy (no new advertisement is sent).
+    let d = TestNode::start_with(p2p_env(free_port(), Some(&boot))).expect("node D");
+    wait_for(
+        "D learns C's agent by sync",
+        Duration::from_secs(20),
+        &d,
+        |s| has_remote_agent(s, "worker"),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
