@@ -1,5 +1,6 @@
 //! The `fedmesh` binary: a pub/sub federation broker node for AI agents.
 
+mod ann;
 mod api;
 mod audit;
 mod client;

@@ -200,7 +200,8 @@ impl Node {
         };
         Self {
             id,
-            registry: Registry::new(cfg.limits.max_agents_per_node),
+            registry: Registry::new(cfg.limits.max_agents_per_node)
+                .with_index(Box::new(crate::ann::AnnAdapter::default())),
             tasks: Tasks::new(id, params),
             local: HashMap::new(),
             data_dir: cfg.data_dir(),

@@ -10,6 +10,7 @@ use crate::envelope::ContentId;
 use crate::error::Rejection;
 use crate::keys::{AgentId, NodeId};
 use crate::message::DigestEntry;
+use crate::vcv::Embedding;
 use crate::vcv::Vcv;
 
 /// One registered agent.
@@ -40,6 +41,24 @@ struct Tombstone {
     until_ms: u64,
 }
 
+/// An approximate-nearest-neighbour index the registry keeps in step with its entries, so that
+/// routing scans a few candidates instead of every agent. The implementation lives outside this
+/// crate (`fedmesh-index`, plugged in by the node); without one the registry scans everything.
+pub trait CandidateIndex: Send + std::fmt::Debug {
+    /// Adds or replaces `agent`'s capability vector.
+    fn upsert(&mut self, agent: &AgentId, capability: &Embedding);
+    /// Forgets `agent`.
+    fn remove(&mut self, agent: &AgentId);
+    /// Up to `k` agents whose capability is most similar to `query` (same embedding space
+    /// only), best first, among those for which `filter` holds.
+    fn search(
+        &self,
+        query: &Embedding,
+        k: usize,
+        filter: &dyn Fn(&AgentId) -> bool,
+    ) -> Vec<AgentId>;
+}
+
 /// The registry. Bounded by `max_agents`; when full, new agents are refused (updates still apply).
 #[derive(Debug)]
 pub struct Registry {
@@ -47,6 +66,7 @@ pub struct Registry {
     tombstones: HashMap<AgentId, Tombstone>,
     max_agents: usize,
     tombstone_ttl_ms: u64,
+    index: Option<Box<dyn CandidateIndex>>,
 }
 
 /// The registry is full.
@@ -62,6 +82,40 @@ impl Registry {
             tombstones: HashMap::new(),
             max_agents,
             tombstone_ttl_ms: crate::limits::MAX_VCV_TTL_MS,
+            index: None,
+        }
+    }
+
+    /// Attaches an ANN index (filled with the current entries) used by [`Registry::candidates`].
+    pub fn with_index(mut self, mut index: Box<dyn CandidateIndex>) -> Self {
+        for e in self.entries.values() {
+            index.upsert(&e.vcv.agent, &e.vcv.capability);
+        }
+        self.index = Some(index);
+        self
+    }
+
+    /// The entries routing should score for `query`: with an index, the `k` nearest that pass
+    /// `filter`; without one, every entry that passes `filter` (an exact scan).
+    pub fn candidates<'a>(
+        &'a self,
+        query: &Embedding,
+        k: usize,
+        filter: &dyn Fn(&Entry) -> bool,
+    ) -> Vec<&'a Entry> {
+        match &self.index {
+            Some(index) => index
+                .search(query, k, &|a| self.entries.get(a).is_some_and(filter))
+                .iter()
+                .filter_map(|a| self.entries.get(a))
+                .collect(),
+            None => self.entries.values().filter(|e| filter(e)).collect(),
+        }
+    }
+
+    fn unindex(&mut self, agent: &AgentId) {
+        if let Some(index) = self.index.as_mut() {
+            index.remove(agent);
         }
     }
 
@@ -92,11 +146,17 @@ impl Registry {
             }
             Some(old) => {
                 *old = entry;
+                if let Some(index) = self.index.as_mut() {
+                    index.upsert(&agent, &old.vcv.capability);
+                }
                 Ok(Change::Updated(agent))
             }
             None if len >= self.max_agents => Err(InsertError::Full(RegistryFull(self.max_agents))),
             None => {
                 self.tombstones.remove(&agent);
+                if let Some(index) = self.index.as_mut() {
+                    index.upsert(&agent, &entry.vcv.capability);
+                }
                 self.entries.insert(agent.clone(), entry);
                 Ok(Change::Added(agent))
             }
@@ -124,6 +184,7 @@ impl Registry {
         });
         t.version = t.version.max(version);
         t.until_ms = now_ms.saturating_add(self.tombstone_ttl_ms);
+        self.unindex(agent);
         Ok(self
             .entries
             .remove(agent)
@@ -140,6 +201,7 @@ impl Registry {
             .collect();
         for a in &gone {
             self.entries.remove(a);
+            self.unindex(a);
         }
         self.tombstones.retain(|_, t| t.until_ms > now_ms);
         gone
@@ -155,6 +217,7 @@ impl Registry {
             .collect();
         for a in &gone {
             self.entries.remove(a);
+            self.unindex(a);
         }
         gone
     }

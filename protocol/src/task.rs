@@ -17,7 +17,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::keys::{AgentId, NodeId};
 use crate::message::{Outcome, TaskId, TaskSpec};
-use crate::registry::Registry;
+use crate::registry::{Entry, Registry};
+use crate::vcv::SkillBloom;
+
+/// Smallest shortlist the ANN index returns per routing decision.
+pub const CANDIDATE_SHORTLIST: usize = 64;
 use crate::router::{Candidate, RouterParams, assign_batch, rank_with};
 
 /// Most agents whose observed performance is remembered (oldest-updated evicted first).
@@ -583,9 +587,22 @@ impl Tasks {
         let Some(r) = self.tasks.get(&id) else {
             return Vec::new();
         };
+        // The hard gates run inside the index scan; the index returns a generous shortlist
+        // because α has more factors than the cosine it ranks by.
+        let bloom = SkillBloom::of(r.spec.skills.iter().map(String::as_str));
+        let gate = |e: &Entry| {
+            !r.tried.contains(&e.vcv.agent)
+                && e.vcv.skill_bloom.may_contain_all(&bloom)
+                && r.spec
+                    .policies
+                    .iter()
+                    .all(|p| e.vcv.policies.binary_search(p).is_ok())
+        };
+        let k = (self.params.router.top_k * 8).max(CANDIDATE_SHORTLIST);
+        let shortlist = registry.candidates(&r.spec.requirement, k, &gate);
         rank_with(
             &r.spec,
-            registry.iter().map(|e| &e.vcv),
+            shortlist.into_iter().map(|e| &e.vcv),
             |a| self.load(a),
             |a| self.perf(a),
             &r.tried,
