@@ -3,6 +3,7 @@
 mod ann;
 mod api;
 mod audit;
+mod bench;
 mod client;
 mod http;
 mod keyfile;
@@ -77,6 +78,12 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Benchmarks that need the node's internals (not part of the interface).
+    #[command(hide = true)]
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
     },
 }
 
@@ -386,6 +393,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 Ok(ExitCode::FAILURE)
             }
+        }
+        Command::Bench { command } => {
+            init_tracing("error");
+            runtime()?.block_on(bench::run(command))?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Audit { command } => {
             let cfg = load_config(cli.config.as_deref())?;

@@ -216,13 +216,29 @@ pub fn acceptance(r: &Rejection) -> MessageAcceptance {
     }
 }
 
+/// Sees every gossip message a behaviour computes a message id for: each one it publishes and
+/// each copy it receives, duplicates included (gossipsub drops duplicates right after). Used by
+/// `fedmesh bench gossip` to count redundant deliveries; `None` in the node.
+pub(crate) type GossipObserver = Arc<dyn Fn(&gossipsub::Message) + Send + Sync>;
+
 fn behaviour(key: &identity::Keypair, cfg: &Config) -> anyhow::Result<Behaviour> {
+    behaviour_observed(key, cfg, None)
+}
+
+fn behaviour_observed(
+    key: &identity::Keypair,
+    cfg: &Config,
+    observe: Option<GossipObserver>,
+) -> anyhow::Result<Behaviour> {
     let p = &cfg.p2p;
     let gcfg = gossipsub::ConfigBuilder::default()
         .heartbeat_interval(Duration::from_millis(p.gossip_heartbeat_ms.max(50)))
         .validation_mode(gossipsub::ValidationMode::Strict)
         .validate_messages()
-        .message_id_fn(|m: &gossipsub::Message| {
+        .message_id_fn(move |m: &gossipsub::Message| {
+            if let Some(o) = &observe {
+                o(m);
+            }
             MessageId::from(blake3::hash(&m.data).as_bytes().to_vec())
         })
         .max_transmit_size(MAX_ENVELOPE_BYTES + 4096)
@@ -315,6 +331,15 @@ pub fn tcp_swarm(key: &NodeKey, cfg: &Config) -> anyhow::Result<Swarm<Behaviour>
 /// An in-process swarm on `/memory/N` addresses (tests).
 #[cfg(test)]
 pub fn memory_swarm(key: &NodeKey, cfg: &Config) -> anyhow::Result<Swarm<Behaviour>> {
+    memory_swarm_observed(key, cfg, None)
+}
+
+/// [`memory_swarm`] with a [`GossipObserver`] (benchmarks).
+pub(crate) fn memory_swarm_observed(
+    key: &NodeKey,
+    cfg: &Config,
+    observe: Option<GossipObserver>,
+) -> anyhow::Result<Swarm<Behaviour>> {
     use libp2p::Transport;
     use libp2p::core::{transport::MemoryTransport, upgrade};
     let kp = keypair(key)?;
@@ -327,7 +352,8 @@ pub fn memory_swarm(key: &NodeKey, cfg: &Config) -> anyhow::Result<Swarm<Behavio
                 .multiplex(yamux::Config::default()))
         })?
         .with_behaviour(|k| {
-            behaviour(k, cfg).map_err(Into::<Box<dyn std::error::Error + Send + Sync>>::into)
+            behaviour_observed(k, cfg, observe)
+                .map_err(Into::<Box<dyn std::error::Error + Send + Sync>>::into)
         })
         .map_err(|e| anyhow::anyhow!("building the behaviour: {e}"))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
