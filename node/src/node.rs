@@ -18,7 +18,8 @@ use bytes::Bytes;
 use fedmesh_broker::{Broker, BrokerSettings, Inbound, Outbound, Qos, Role};
 use fedmesh_config::{Config, Embedder as EmbedderName};
 use fedmesh_embed::Embedder;
-use fedmesh_protocol::registry::{Entry, InsertError, Registry};
+use fedmesh_protocol::gossip::{self, Federation, FederationError};
+use fedmesh_protocol::registry::Registry;
 use fedmesh_protocol::router::RouterParams;
 use fedmesh_protocol::task::{Output, Requester, TaskEvent, TaskParams, Tasks};
 use fedmesh_protocol::{
@@ -126,7 +127,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         metrics,
         shared,
         p2p,
-    );
+    )?;
     node.restore().await?;
     eprintln!("fedmesh node {}", node.id);
     eprintln!("  data dir   {}", data_dir.display());
@@ -141,19 +142,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     node.event_loop(inbound, p2p_events).await
 }
 
-/// This node's record of one of its own agents.
-#[derive(Debug, Clone)]
-struct LocalAgent {
-    version: u64,
-}
-
 struct Node {
     id: NodeId,
     key: NodeKey,
     cfg: Config,
-    registry: Registry,
+    /// The replicated registry and its gossip: the sans-IO core this shell drives (see
+    /// `federation`). Its registry carries the ANN index used by routing.
+    gossip: Federation,
     tasks: Tasks,
-    local: HashMap<AgentName, LocalAgent>,
     store: Store,
     audit: AuditLog,
     embedder: Box<dyn Embedder>,
@@ -186,7 +182,7 @@ impl Node {
         metrics: Arc<Metrics>,
         shared: Arc<Shared>,
         p2p: p2p::Handle,
-    ) -> Self {
+    ) -> anyhow::Result<Self> {
         let id = key.node_id();
         let params = TaskParams {
             router: RouterParams {
@@ -198,12 +194,24 @@ impl Node {
             attempt_timeout_ms: cfg.routing.attempt_timeout_ms,
             max_live_tasks: cfg.limits.max_inflight_tasks,
         };
-        Self {
+        let gcfg = gossip::Config {
+            max_agents: cfg.limits.max_agents_per_node,
+            max_local_agents: cfg.limits.max_agents_per_node,
+            max_peers: (cfg.p2p.max_connections as usize).max(1),
+            vcv_ttl_ms: cfg.p2p.advertise_ttl_s.saturating_mul(1000),
+            readvertise_interval_ms: cfg.p2p.readvertise_interval_s.saturating_mul(1000),
+            anti_entropy_interval_ms: cfg.p2p.sync_interval_s.max(1).saturating_mul(1000),
+            ..gossip::Config::default()
+        };
+        let registry =
+            Registry::new(gcfg.max_agents).with_index(Box::new(crate::ann::AnnAdapter::default()));
+        let gossip = Federation::new(key.clone(), gcfg, rand::random(), now_ms())
+            .context("p2p registry gossip settings")?
+            .with_registry(registry);
+        Ok(Self {
             id,
-            registry: Registry::new(cfg.limits.max_agents_per_node)
-                .with_index(Box::new(crate::ann::AnnAdapter::default())),
+            gossip,
             tasks: Tasks::new(id, params),
-            local: HashMap::new(),
             data_dir: cfg.data_dir(),
             cfg,
             key,
@@ -220,7 +228,7 @@ impl Node {
             p2p,
             fed: federation::Fed::new(),
             unflushed: false,
-        }
+        })
     }
 
     /// Reloads this node's agents and tasks after a (re)start.
@@ -230,30 +238,22 @@ impl Node {
             match fedmesh_protocol::open(&envelope, now) {
                 Ok(env) => {
                     if let Message::Advertise(vcv) = env.message {
-                        self.local.insert(
-                            vcv.agent.name.clone(),
-                            LocalAgent {
-                                version: vcv.version,
-                            },
-                        );
-                        let _ = self.registry.insert(
-                            Entry {
-                                vcv,
-                                id: env.id,
-                                envelope,
-                            },
-                            now,
-                        );
+                        // Re-issued under a new version, within the agent's own lifetime.
+                        let until = vcv.expires_at_ms;
+                        if let Err(e) = self.gossip.advertise_until(vcv, until, now) {
+                            tracing::info!(reason = %e, "dropping a stored VCV");
+                        }
                     }
                 }
                 Err(e) => tracing::info!(reason = %e, "dropping a stored VCV"),
             }
         }
+        self.pump_gossip();
         self.restore_hosted();
         let records = self.store.tasks();
         let n = records.len();
         let outputs = self.tasks.restore(records);
-        tracing::info!(agents = self.local.len(), tasks = n, redeliver = outputs.len(), data_dir = %self.data_dir.display(), "restored state");
+        tracing::info!(agents = self.gossip.local_agents().count(), tasks = n, redeliver = outputs.len(), data_dir = %self.data_dir.display(), "restored state");
         self.audit.append(
             "node_start",
             &self.id.to_string(),
@@ -310,11 +310,8 @@ impl Node {
                 }
                 _ = tick.tick() => {
                     let now = now_ms();
-                    for agent in self.registry.expire(now) {
-                        tracing::debug!(%agent, "capability vector expired");
-                    }
                     let mut outputs = self.fed_tick(now);
-                    outputs.extend(self.tasks.tick(&self.registry, now));
+                    outputs.extend(self.tasks.tick(self.gossip.registry(), now));
                     let changed = !outputs.is_empty() || self.unflushed;
                     self.execute(outputs).await?;
                     status_every += 1;
@@ -533,22 +530,14 @@ impl Node {
                     // A (re)connecting agent gets the tasks it holds (the broker forgets
                     // undelivered messages across restarts), and may unblock waiting tasks.
                     outputs.extend(self.tasks.redeliver(&agent));
-                    outputs.extend(self.tasks.tick(&self.registry, now));
+                    outputs.extend(self.tasks.tick(self.gossip.registry(), now));
                 }
                 Err(err) => self.reply_error(inbox, None, &err),
             },
             AgentOp::Withdraw => {
-                let version = self.local.get(&name).map_or(0, |l| l.version);
-                if let Ok(Some(_)) = self.registry.withdraw(&agent, version, now) {
-                    self.audit_append(
-                        "withdraw",
-                        &agent.to_string(),
-                        serde_json::json!({"version": version}),
-                    );
-                    if let Err(e) = self.store.apply([Write::DeleteVcv(name.to_string())]) {
-                        tracing::error!(error = %e, "deleting a withdrawn VCV");
-                    }
-                    self.gossip_withdraw(&agent, version, now);
+                // Sealed, stored (deleted), audited and published by `pump_gossip`.
+                if self.gossip.withdraw(&name, now).is_ok() {
+                    self.pump_gossip();
                 }
                 self.publish(inbox, api::withdrawn_message(&agent), None, "withdrawn");
             }
@@ -562,9 +551,9 @@ impl Node {
             }
             AgentOp::Result(r) if self.hosted_result(&name, r.task_id, r.outcome.clone(), now) => {}
             AgentOp::Result(r) => {
-                let out = self
-                    .tasks
-                    .result(&agent, r.task_id, r.outcome, &self.registry, now);
+                let out =
+                    self.tasks
+                        .result(&agent, r.task_id, r.outcome, self.gossip.registry(), now);
                 if out.is_empty() {
                     self.metrics.error("result_ignored");
                     tracing::debug!(%agent, task = %r.task_id, "ignored a result for a task this agent does not hold");
@@ -603,13 +592,12 @@ impl Node {
             .spec
             .as_deref()
             .and_then(|s| Embedding::quantise(self.embedder.space(), &self.embedder.embed(s)));
-        let prev = self.local.get(&name).map_or(0, |l| l.version);
-        let version = (prev + 1).max(now);
         let mut vcv = Vcv {
             agent: AgentId::new(self.id, name.clone()),
-            version,
+            // The core stamps the version (newer than any known one), issue time and expiry.
+            version: now,
             issued_at_ms: now,
-            expires_at_ms: now + req.ttl_s.saturating_mul(1000),
+            expires_at_ms: now.saturating_add(req.ttl_s.saturating_mul(1000)),
             description: req.description,
             examples: req.examples,
             capability,
@@ -620,33 +608,19 @@ impl Node {
             spec,
         };
         vcv.normalise();
-        let envelope = fedmesh_protocol::seal(&self.key, now, &Message::Advertise(vcv.clone()))
-            .map_err(|r| rejection(&r, "advertise"))?;
-        let opened =
-            fedmesh_protocol::open(&envelope, now).map_err(|r| rejection(&r, "advertise"))?;
-        let id = opened.id;
-        let expires = vcv.expires_at_ms;
         let agent = vcv.agent.clone();
-        match self.registry.insert(
-            Entry {
-                vcv,
-                id,
-                envelope: envelope.clone(),
-            },
-            now,
-        ) {
-            Ok(_) => {}
-            Err(InsertError::Rejected(r)) => return Err(rejection(&r, "advertise")),
-            Err(InsertError::Full(f)) => return Err(err("agent", f.to_string())),
+        let until = vcv.expires_at_ms;
+        match self.gossip.advertise_until(vcv, until, now) {
+            Ok(()) => {}
+            Err(FederationError::Rejected(r)) => return Err(rejection(&r, "advertise")),
+            Err(e) => return Err(err("agent", e.to_string())),
         }
-        self.local.insert(name.clone(), LocalAgent { version });
-        if let Err(e) = self.store.apply([Write::Vcv {
-            name: name.to_string(),
-            envelope: envelope.clone(),
-        }]) {
-            tracing::error!(error = %e, "storing a VCV");
-        }
-        self.gossip(p2p::REGISTRY_TOPIC, envelope);
+        // Sealed → stored, Publish → gossiped.
+        self.pump_gossip();
+        let (version, id, expires) = match self.gossip.registry().get(&agent) {
+            Some(e) => (e.vcv.version, e.id, e.vcv.expires_at_ms),
+            None => return Err(err("agent", "not in the registry after advertising".into())),
+        };
         self.audit_append(
             "advertise",
             &agent.to_string(),
@@ -722,7 +696,10 @@ impl Node {
                         };
                         let id = spec.id;
                         let fresh = self.tasks.get(&id).is_none();
-                        match self.tasks.submit(spec, requester, &self.registry, now) {
+                        match self
+                            .tasks
+                            .submit(spec, requester, self.gossip.registry(), now)
+                        {
                             Ok(out) => {
                                 if fresh {
                                     if self.submitted_at.len() < self.cfg.limits.max_inflight_tasks
@@ -842,9 +819,10 @@ impl Node {
                 .get_or_create(&Kind::of(s.as_str()))
                 .set(n as i64);
         }
-        self.metrics.agents.set(self.registry.len() as i64);
+        self.metrics.agents.set(self.gossip.registry().len() as i64);
         let mut agents: Vec<serde_json::Value> = self
-            .registry
+            .gossip
+            .registry()
             .iter()
             .map(|e| {
                 serde_json::json!({

@@ -180,7 +180,6 @@ pub fn peer_id(node: &NodeId) -> Option<PeerId> {
 }
 
 /// The node of a libp2p `PeerId` (ed25519 peers only).
-#[cfg(test)]
 pub fn node_id(peer: &PeerId) -> Option<NodeId> {
     NodeId::from_peer_id_bytes(&peer.to_bytes()).ok()
 }
@@ -209,7 +208,12 @@ pub fn check_gossip(
 
 /// The gossipsub verdict of a rejection.
 pub fn acceptance(r: &Rejection) -> MessageAcceptance {
-    match r.acceptance() {
+    verdict(r.acceptance())
+}
+
+/// The gossipsub form of a protocol verdict.
+pub fn verdict(a: fedmesh_protocol::Acceptance) -> MessageAcceptance {
+    match a {
         fedmesh_protocol::Acceptance::Accept => MessageAcceptance::Accept,
         fedmesh_protocol::Acceptance::Ignore => MessageAcceptance::Ignore,
         fedmesh_protocol::Acceptance::Reject => MessageAcceptance::Reject,

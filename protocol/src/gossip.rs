@@ -408,6 +408,8 @@ pub struct Stats {
 struct Local {
     vcv: Vcv,
     next_readvertise_ms: u64,
+    /// The end of the agent's own lifetime (`u64::MAX`: as long as this node re-issues it).
+    until_ms: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -597,6 +599,22 @@ impl<V: Verify> Federation<V> {
         })
     }
 
+    /// Replaces the (still empty) registry by `registry`, e.g. one that keeps a candidate index
+    /// in step ([`Registry::with_index`]). Call it before the first input.
+    pub fn with_registry(mut self, registry: Registry) -> Self {
+        assert!(
+            self.registry.is_empty() && self.local.is_empty(),
+            "with_registry after the first input"
+        );
+        self.next_expiry_ms = registry
+            .iter()
+            .map(|e| e.vcv.expires_at_ms)
+            .min()
+            .unwrap_or(u64::MAX);
+        self.registry = registry;
+        self
+    }
+
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.me
@@ -632,6 +650,11 @@ impl<V: Verify> Federation<V> {
         self.local.iter().map(|(n, l)| (n, l.vcv.version))
     }
 
+    /// Whether `name` is hosted (advertised and not withdrawn) by this node.
+    pub fn is_local(&self, name: &AgentName) -> bool {
+        self.local.contains_key(name)
+    }
+
     /// Takes the accumulated outputs.
     pub fn drain(&mut self) -> std::vec::Drain<'_, OutEvent> {
         self.out.drain(..)
@@ -661,7 +684,19 @@ impl<V: Verify> Federation<V> {
     /// Advertises (or changes) a local agent. The VCV is stamped: `issued_at = now`,
     /// `expires_at = now + vcv_ttl_ms`, and `version = max(vcv.version, known + 1, now_ms)`
     /// (time-based versions keep increasing across restarts that lost state).
-    pub fn advertise(&mut self, mut vcv: Vcv, now_ms: u64) -> Result<(), FederationError> {
+    pub fn advertise(&mut self, vcv: Vcv, now_ms: u64) -> Result<(), FederationError> {
+        self.advertise_until(vcv, u64::MAX, now_ms)
+    }
+
+    /// [`Federation::advertise`] for an agent that asked for a bounded lifetime: every issue
+    /// expires at `min(now + vcv_ttl_ms, until_ms)`, and the agent is no longer re-issued (it
+    /// expires everywhere) once `until_ms` has passed, unless it is advertised again.
+    pub fn advertise_until(
+        &mut self,
+        mut vcv: Vcv,
+        until_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), FederationError> {
         if vcv.agent.node != self.me {
             return Err(FederationError::NotLocal);
         }
@@ -673,12 +708,19 @@ impl<V: Verify> Federation<V> {
         let known = self.registry.known_version(&vcv.agent).unwrap_or(0);
         vcv.version = vcv.version.max(known.saturating_add(1)).max(now_ms);
         vcv.issued_at_ms = now_ms;
-        vcv.expires_at_ms = now_ms.saturating_add(self.cfg.vcv_ttl_ms);
+        vcv.expires_at_ms = now_ms.saturating_add(self.cfg.vcv_ttl_ms).min(until_ms);
+        if vcv.expires_at_ms <= now_ms {
+            return Err(Rejection::Expired {
+                expires_at_ms: vcv.expires_at_ms,
+                now_ms,
+            }
+            .into());
+        }
         vcv.normalise();
         vcv.validate_static(&self.me)?;
         let bytes: Bytes =
             envelope::seal(&self.key, now_ms, &Message::Advertise(vcv.clone()))?.into();
-        self.publish_local_advert(vcv, bytes, now_ms)
+        self.publish_local_advert(vcv, bytes, until_ms, now_ms)
     }
 
     /// Advertises an envelope the shell sealed with this node's key. It is re-issued (re-sealed
@@ -696,13 +738,14 @@ impl<V: Verify> Federation<V> {
         {
             return Err(FederationError::TooManyLocal(self.cfg.max_local_agents));
         }
-        self.publish_local_advert(vcv, bytes.into(), now_ms)
+        self.publish_local_advert(vcv, bytes.into(), u64::MAX, now_ms)
     }
 
     fn publish_local_advert(
         &mut self,
         vcv: Vcv,
         bytes: Bytes,
+        until_ms: u64,
         now_ms: u64,
     ) -> Result<(), FederationError> {
         let id = envelope::content_id(&bytes).ok_or(Rejection::Malformed("short envelope"))?;
@@ -732,6 +775,7 @@ impl<V: Verify> Federation<V> {
                 next_readvertise_ms: now_ms
                     .saturating_add(self.cfg.readvertise_interval_ms)
                     .saturating_sub(jitter),
+                until_ms,
             },
         );
         self.stats.published += 1;
@@ -836,8 +880,13 @@ impl<V: Verify> Federation<V> {
             .collect();
         for name in due {
             if let Some(l) = self.local.get(&name) {
-                let vcv = l.vcv.clone();
-                if let Err(e) = self.advertise(vcv, now_ms) {
+                let (vcv, until_ms) = (l.vcv.clone(), l.until_ms);
+                if until_ms <= now_ms {
+                    // Its own lifetime is over: no longer hosted; it expires everywhere.
+                    self.local.remove(&name);
+                    continue;
+                }
+                if let Err(e) = self.advertise_until(vcv, until_ms, now_ms) {
                     // Keep the agent and retry next interval; the error is a value for the
                     // shell's logs, not a reason to stop.
                     let _ = e;
@@ -886,7 +935,18 @@ impl<V: Verify> Federation<V> {
             Ok(env) => env,
             Err(r) => return self.reject(from, r),
         };
-        if let Some(k) = key {
+        let registry_message = matches!(
+            env.message,
+            Message::Advertise(_)
+                | Message::Withdraw { .. }
+                | Message::SyncDigest { .. }
+                | Message::SyncRequest { .. }
+        );
+        // Only registry messages enter the seen-cache: the shell dedups its own messages
+        // (a re-sent, identical task offer must reach it again).
+        if let Some(k) = key
+            && registry_message
+        {
             self.seen.insert(k);
         }
         match env.message {
@@ -1340,6 +1400,67 @@ mod tests {
                 ..
             })
         )));
+    }
+
+    #[test]
+    fn advertise_until_bounds_every_issue_and_stops_re_issuing() {
+        let cfg = Config {
+            vcv_ttl_ms: 10_000,
+            readvertise_interval_ms: 4_000,
+            anti_entropy_interval_ms: 0,
+            ..Config::default()
+        };
+        let mut a = Federation::new(sample::key(1), cfg, 1, NOW)
+            .expect("cfg")
+            .with_registry(Registry::new(10));
+        let name = AgentName::new("x").expect("name");
+        let agent = AgentId::new(a.node_id(), name.clone());
+        a.advertise_until(sample::vcv(&sample::key(1), "x", 1, NOW), NOW + 6_000, NOW)
+            .expect("adv");
+        let e = a.registry().get(&agent).expect("held");
+        assert_eq!(
+            e.vcv.expires_at_ms,
+            NOW + 6_000,
+            "the agent's own end, not the TTL"
+        );
+        assert!(a.is_local(&name));
+        a.drain().for_each(drop);
+        let mut t = NOW;
+        let mut issues = 0;
+        while t < NOW + 12_000 {
+            t += 500;
+            a.tick(t);
+            issues += published(&a.drain().collect::<Vec<_>>()).len();
+        }
+        assert_eq!(issues, 1, "re-issued once, within its lifetime");
+        assert!(!a.is_local(&name), "no longer hosted after its end");
+        assert!(a.registry().is_empty(), "expired");
+        assert!(matches!(
+            a.advertise_until(sample::vcv(&sample::key(1), "x", 1, NOW), t, t),
+            Err(FederationError::Rejected(Rejection::Expired { .. }))
+        ));
+    }
+
+    #[test]
+    fn task_messages_bypass_the_seen_cache() {
+        let mut b = fed(2);
+        let a = sample::key(1);
+        let hb = envelope::seal(
+            &a,
+            NOW,
+            &Message::Heartbeat {
+                seq: 1,
+                load: vec![],
+            },
+        )
+        .expect("seal");
+        for _ in 0..2 {
+            b.receive(a.node_id(), Via::Direct, hb.as_slice().into(), NOW);
+            assert!(matches!(
+                b.drain().collect::<Vec<_>>().as_slice(),
+                [OutEvent::Unhandled { .. }]
+            ));
+        }
     }
 
     #[test]

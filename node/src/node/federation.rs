@@ -1,15 +1,20 @@
-//! Federation: registry replication, heartbeats, anti-entropy and cross-node task offers.
+//! Federation: the libp2p shell of registry replication, heartbeats and cross-node task offers.
 //!
-//! * **Registry gossip.** A local advertise or withdraw publishes its sealed envelope on
-//!   [`REGISTRY_TOPIC`]; a received one is checked ([`p2p::check_gossip`]: it opens and its
-//!   signer is its libp2p author) and inserted into the [`Registry`] (a newer version supersedes;
-//!   replays and regressions are ignored and counted per forwarding peer and reason in
-//!   `fedmesh_p2p_rejected`). Every gossip message gets a verdict.
-//! * **Anti-entropy** (on connect and every `p2p.sync_interval_s`): we send our digest
-//!   (`SyncDigest`, in pages that fit an envelope) to a peer; the peer answers with an
-//!   acknowledgement and, for every agent where our version is newer than its own (or unknown
-//!   to it), pulls the envelopes with a `SyncRequest`. Both sides do this, so each ends up with
-//!   the missing or newer VCVs of the other, and nothing it already has.
+//! * **Registry replication is the sans-IO core** [`fedmesh_protocol::gossip::Federation`]
+//!   (eager push with a seen-cache, re-advertisement, expiry, paged anti-entropy with
+//!   withdrawals), the very code `protocol/src/sim.rs` simulates. This shell only carries its
+//!   inputs and outputs ([`Node::pump_gossip`]):
+//!   - local advertise / withdraw → `advertise_until` / `withdraw`;
+//!   - a message on [`REGISTRY_TOPIC`] → the author check (the envelope's signer must be its
+//!     libp2p author), then `receive(.., Via::Gossip, ..)`; `Forward` → report `Accept`,
+//!     `Drop` → report its `Ignore` / `Reject`; refusals are counted per forwarding peer and
+//!     reason in `fedmesh_p2p_rejected`. Every gossip message gets a verdict;
+//!   - a request-response request → `receive(.., Via::Direct, ..)` and `Send` → a request
+//!     (anti-entropy digests, requests and the owners' envelopes; answered by an empty
+//!     acknowledgement);
+//!   - `Publish` → gossipsub publish, `Sealed` → the `vcvs` tree (and the audit log for a
+//!     withdrawal), peer connections → `peer_up` / `peer_down`, the node's tick → `tick`;
+//!   - `Unhandled` (offers, progress, results) → the task-offer code below.
 //! * **Heartbeats** every [`HEARTBEAT_EVERY`] on [`HEARTBEAT_TOPIC`]: the load of each local
 //!   agent → `Tasks::set_remote_load` at the receivers.
 //! * **Offers.** `Output::Deliver` for a remote agent becomes a sealed `Offer` sent by
@@ -24,18 +29,17 @@
 
 use std::collections::HashSet;
 
-use fedmesh_protocol::{DeclineReason, DigestEntry, Envelope, Outcome};
+use fedmesh_protocol::gossip::{DropReason, OutEvent, Via};
+use fedmesh_protocol::{DeclineReason, Envelope, Outcome};
 use libp2p::PeerId;
 use libp2p::gossipsub::{MessageAcceptance, MessageId};
 use serde::{Deserialize, Serialize};
 
 use super::*;
-use crate::p2p::{self, Command, Event, HEARTBEAT_TOPIC, MAX_RESPONSE_BYTES, REGISTRY_TOPIC};
+use crate::p2p::{self, Command, Event, HEARTBEAT_TOPIC, REGISTRY_TOPIC};
 
 /// Heartbeat period.
 pub(super) const HEARTBEAT_EVERY: Duration = Duration::from_secs(3);
-/// Digest entries per `SyncDigest` page (each entry is at most ~110 bytes encoded).
-const DIGEST_PAGE: usize = 400;
 /// Longest wait between two sends of an unacknowledged result.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// How long after its deadline an unacknowledged result or an unanswered hosted task is kept.
@@ -67,8 +71,8 @@ struct Outgoing {
 enum Pending {
     Offer(OfferSent),
     Send((TaskId, bool)),
-    Digest,
-    Pull(PeerId),
+    /// A message of the registry core (`OutEvent::Send`) to this peer.
+    Sync(PeerId),
 }
 
 /// An offer in flight (kept to resend it after a transport failure).
@@ -104,8 +108,6 @@ pub(super) struct Fed {
     heartbeat_seq: HashMap<NodeId, u64>,
     my_seq: u64,
     last_heartbeat: Instant,
-    last_sync: Instant,
-    last_readvertise: Instant,
 }
 
 impl Fed {
@@ -121,72 +123,70 @@ impl Fed {
             heartbeat_seq: HashMap::new(),
             my_seq: 0,
             last_heartbeat: Instant::now(),
-            last_sync: Instant::now(),
-            last_readvertise: Instant::now(),
         }
     }
 }
 
-/// Gossip on the registry topic: [`p2p::check_gossip`], then [`ingest_registry`].
-pub(crate) fn judge_registry_gossip(
-    registry: &mut Registry,
+/// The `fedmesh_p2p_rejected` reason of a dropped registry message.
+fn drop_label(reason: &DropReason) -> &'static str {
+    match reason {
+        DropReason::Duplicate => "duplicate",
+        DropReason::Rejected(r) => r.label(),
+        DropReason::NotKept => "not_kept",
+    }
+}
+
+/// A message on the registry topic: the author check (the envelope's claimed signer is the
+/// libp2p author: a node publishes only its own envelopes and a relayed copy keeps its author),
+/// then `Federation::receive(.., Via::Gossip, ..)`. Returns the gossipsub verdict (`Forward` →
+/// `Accept`, `Drop` → its acceptance, counted per forwarding peer) and the other outputs, for
+/// [`Node::carry_out`].
+pub(crate) fn receive_registry_gossip(
+    core: &mut Federation,
     metrics: &Metrics,
-    me: NodeId,
     from: &PeerId,
     source: Option<&PeerId>,
     data: &[u8],
     now: u64,
-) -> MessageAcceptance {
-    match p2p::check_gossip(data, source, now) {
-        Err(r) => {
-            metrics.p2p_reject(&from.to_string(), r.label());
-            p2p::acceptance(&r)
-        }
-        Ok(env) => ingest_registry(registry, metrics, me, &from.to_string(), env, data, now),
-    }
-}
-
-/// Puts a verified Advertise or Withdraw into the registry; counts refusals per peer.
-pub(crate) fn ingest_registry(
-    registry: &mut Registry,
-    metrics: &Metrics,
-    me: NodeId,
-    from: &str,
-    env: Envelope,
-    data: &[u8],
-    now: u64,
-) -> MessageAcceptance {
-    if env.signer == me {
-        return MessageAcceptance::Ignore;
-    }
-    let res = match env.message {
-        Message::Advertise(vcv) => registry
-            .insert(
-                Entry {
-                    vcv,
-                    id: env.id,
-                    envelope: data.to_vec(),
-                },
-                now,
-            )
-            .map(|_| ())
-            .map_err(|e| match e {
-                InsertError::Rejected(r) => (r.label(), p2p::acceptance(&r)),
-                InsertError::Full(_) => ("registry_full", MessageAcceptance::Ignore),
-            }),
-        Message::Withdraw { agent, version } => registry
-            .withdraw(&agent, version, now)
-            .map(|_| ())
-            .map_err(|r| (r.label(), p2p::acceptance(&r))),
-        _ => Err(("unexpected_message", MessageAcceptance::Reject)),
+) -> (MessageAcceptance, Vec<OutEvent>) {
+    let (Some(from_node), Some(author)) = (p2p::node_id(from), source.and_then(p2p::node_id))
+    else {
+        metrics.p2p_reject(&from.to_string(), "host_mismatch");
+        return (MessageAcceptance::Reject, Vec::new());
     };
-    match res {
-        Ok(()) => MessageAcceptance::Accept,
-        Err((reason, acc)) => {
-            metrics.p2p_reject(from, reason);
-            acc
+    // Header: version (1 byte), then the signer (32 bytes). A forged claim fails the signature.
+    if data
+        .get(1..33)
+        .is_some_and(|signer| signer != author.as_bytes())
+    {
+        metrics.p2p_reject(&from.to_string(), "host_mismatch");
+        return (MessageAcceptance::Reject, Vec::new());
+    }
+    core.receive(from_node, Via::Gossip, data.into(), now);
+    let mut acceptance = None;
+    let mut rest = Vec::new();
+    for o in core.drain() {
+        match o {
+            OutEvent::Forward { from: f, .. } if f == from_node => {
+                acceptance = Some(MessageAcceptance::Accept);
+            }
+            OutEvent::Drop {
+                from: f,
+                acceptance: a,
+                reason,
+            } if f == from_node => {
+                metrics.p2p_reject(&from.to_string(), drop_label(&reason));
+                acceptance = Some(p2p::verdict(a));
+            }
+            OutEvent::Unhandled { from: f, .. } if f == from_node => {
+                metrics.p2p_reject(&from.to_string(), "unexpected_message");
+                acceptance = Some(MessageAcceptance::Reject);
+            }
+            other => rest.push(other),
         }
     }
+    // Accepted but not forwarded (eager push off): valid, not relayed.
+    (acceptance.unwrap_or(MessageAcceptance::Ignore), rest)
 }
 
 impl Node {
@@ -230,21 +230,70 @@ impl Node {
 
     /// Publishes a sealed envelope on a gossip topic (when any peer is connected; peers that
     /// join later catch up by anti-entropy).
-    pub(super) fn gossip(&self, topic: &'static str, data: Vec<u8>) {
+    pub(super) fn broadcast(&self, topic: &'static str, data: Vec<u8>) {
         if !self.fed.connected.is_empty() {
             self.p2p.send(Command::Publish { topic, data });
         }
     }
 
-    /// Publishes a withdrawal of a local agent.
-    pub(super) fn gossip_withdraw(&self, agent: &AgentId, version: u64, now: u64) {
-        let m = Message::Withdraw {
-            agent: agent.clone(),
-            version,
-        };
-        if let Some(b) = self.seal(&m, now) {
-            self.gossip(REGISTRY_TOPIC, b);
+    /// Carries out what the registry core asked for since the last call. Returns the last
+    /// `Unhandled` envelope (a request that is not about the registry), for the caller.
+    pub(super) fn pump_gossip(&mut self) -> Option<(NodeId, Box<Envelope>)> {
+        let outs: Vec<OutEvent> = self.gossip.drain().collect();
+        self.carry_out(outs)
+    }
+
+    /// Carries out outputs of the registry core (see [`Node::pump_gossip`]).
+    fn carry_out(&mut self, outs: Vec<OutEvent>) -> Option<(NodeId, Box<Envelope>)> {
+        let mut unhandled = None;
+        for o in outs {
+            match o {
+                OutEvent::Publish { bytes, .. } => self.broadcast(REGISTRY_TOPIC, bytes.to_vec()),
+                // Gossipsub forwards a message once it is reported `Accept`.
+                OutEvent::Forward { .. } => {}
+                OutEvent::Drop { from, reason, .. } => {
+                    self.metrics
+                        .p2p_reject(&from.to_string(), drop_label(&reason));
+                }
+                OutEvent::Send { to, bytes } => {
+                    if let Some(peer) = p2p::peer_id(&to) {
+                        self.request(peer, bytes.to_vec(), Pending::Sync(peer));
+                    }
+                }
+                OutEvent::Event(e) => {
+                    tracing::debug!(event = ?e, "registry changed");
+                    self.dirty = true;
+                }
+                OutEvent::Sealed {
+                    agent,
+                    version,
+                    withdrawn,
+                    bytes,
+                    ..
+                } => {
+                    let name = agent.name.to_string();
+                    let write = if withdrawn {
+                        self.audit_append(
+                            "withdraw",
+                            &agent.to_string(),
+                            serde_json::json!({"version": version}),
+                        );
+                        Write::DeleteVcv(name)
+                    } else {
+                        Write::Vcv {
+                            name,
+                            envelope: bytes.to_vec(),
+                        }
+                    };
+                    if let Err(e) = self.store.apply([write]) {
+                        tracing::error!(error = %e, "storing a VCV");
+                    }
+                    self.unflushed = true;
+                }
+                OutEvent::Unhandled { from, envelope, .. } => unhandled = Some((from, envelope)),
+            }
         }
+        unhandled
     }
 
     /// Reloads hosted tasks after a restart; unacknowledged results are queued again.
@@ -429,10 +478,13 @@ impl Node {
             self.metrics.p2p_out.get_or_create(&Kind::of("offer")).inc();
         } else {
             self.metrics.error("offer_not_sent");
-            next.extend(
-                self.tasks
-                    .declined(&agent, id, "offer not sent", &self.registry, now),
-            );
+            next.extend(self.tasks.declined(
+                &agent,
+                id,
+                "offer not sent",
+                self.gossip.registry(),
+                now,
+            ));
         }
     }
 
@@ -455,10 +507,17 @@ impl Node {
                 if self.fed.connected.len() < self.cfg.p2p.max_connections as usize {
                     self.fed.connected.insert(peer);
                 }
-                self.send_digest(peer);
+                if let Some(node) = p2p::node_id(&peer) {
+                    // Anti-entropy on join: the core sends the peer our digest.
+                    self.gossip.peer_up(node, now_ms());
+                    self.pump_gossip();
+                }
             }
             Event::Disconnected(peer) => {
                 self.fed.connected.remove(&peer);
+                if let Some(node) = p2p::node_id(&peer) {
+                    self.gossip.peer_down(&node);
+                }
             }
         }
         Ok(())
@@ -474,18 +533,15 @@ impl Node {
     ) {
         let now = now_ms();
         let acceptance = if topic == REGISTRY_TOPIC {
-            let a = judge_registry_gossip(
-                &mut self.registry,
+            let (a, rest) = receive_registry_gossip(
+                &mut self.gossip,
                 &self.metrics,
-                self.id,
                 &from,
                 source.as_ref(),
                 data,
                 now,
             );
-            if a == MessageAcceptance::Accept {
-                self.dirty = true;
-            }
+            self.carry_out(rest);
             a
         } else if topic == HEARTBEAT_TOPIC {
             match p2p::check_gossip(data, source.as_ref(), now) {
@@ -548,15 +604,21 @@ impl Node {
     async fn on_request(&mut self, peer: PeerId, id: u64, data: &[u8]) -> anyhow::Result<()> {
         let now = now_ms();
         let from = peer.to_string();
-        let env = match fedmesh_protocol::open(data, now) {
-            Ok(env) => env,
-            Err(r) => {
-                self.metrics.p2p_reject(&from, r.label());
-                self.respond(id, vec![]);
-                return Ok(());
-            }
+        let Some(node) = p2p::node_id(&peer) else {
+            self.metrics.p2p_reject(&from, "signer_not_peer");
+            self.respond(id, vec![]);
+            return Ok(());
         };
-        if p2p::peer_id(&env.signer) != Some(peer) {
+        // The core opens it: registry messages (anti-entropy) are its own, the rest comes back
+        // as `Unhandled`.
+        self.gossip.receive(node, Via::Direct, data.into(), now);
+        let unhandled = self.pump_gossip();
+        self.dirty = true;
+        let Some((_, env)) = unhandled else {
+            self.respond(id, vec![]);
+            return Ok(());
+        };
+        if env.signer != node {
             // Requests are answered only for their signer (noise authenticated the peer).
             self.metrics.p2p_reject(&from, "signer_not_peer");
             self.respond(id, vec![]);
@@ -594,7 +656,7 @@ impl Node {
             } => {
                 let out = self
                     .tasks
-                    .result(&agent, task, outcome, &self.registry, now);
+                    .result(&agent, task, outcome, self.gossip.registry(), now);
                 if out.is_empty() {
                     self.metrics.error("remote_result_ignored");
                 }
@@ -602,61 +664,13 @@ impl Node {
                 self.execute(out).await?;
                 self.respond(id, vec![]);
             }
-            Message::SyncDigest { entries } => {
-                self.respond(id, vec![]);
-                self.pull(peer, &entries, now);
-            }
-            Message::SyncRequest { agents } => {
-                let mut frames = Vec::new();
-                let mut size = 0;
-                for a in agents {
-                    if let Some(e) = self.registry.get(&a) {
-                        if size + e.envelope.len() + 4 > MAX_RESPONSE_BYTES {
-                            break; // the rest comes with the next sync round
-                        }
-                        size += e.envelope.len() + 4;
-                        frames.push(e.envelope.clone());
-                    }
-                }
-                self.respond(id, frames);
-            }
             other => {
                 self.metrics.p2p_reject(&from, "unexpected_request");
                 tracing::debug!(kind = other.kind(), "unexpected request");
                 self.respond(id, vec![]);
             }
         }
-        self.dirty = true;
         Ok(())
-    }
-
-    /// A peer's digest page: pull the VCVs it has newer than ours.
-    fn pull(&mut self, peer: PeerId, entries: &[DigestEntry], now: u64) {
-        let wanted: Vec<AgentId> = self
-            .registry
-            .wanted(entries)
-            .into_iter()
-            .filter(|a| a.node != self.id)
-            .collect();
-        if wanted.is_empty() {
-            return;
-        }
-        if let Some(data) = self.seal(&Message::SyncRequest { agents: wanted }, now) {
-            self.request(peer, data, Pending::Pull(peer));
-        }
-    }
-
-    fn send_digest(&mut self, peer: PeerId) {
-        let now = now_ms();
-        let digest = self.registry.digest();
-        for page in digest.chunks(DIGEST_PAGE) {
-            let m = Message::SyncDigest {
-                entries: page.to_vec(),
-            };
-            if let Some(data) = self.seal(&m, now) {
-                self.request(peer, data, Pending::Digest);
-            }
-        }
     }
 
     /// Decides on an offer; returns the sealed Accept or Decline.
@@ -669,7 +683,7 @@ impl Node {
         now: u64,
     ) -> anyhow::Result<Option<Vec<u8>>> {
         let id = task.id;
-        let reason = if agent.node != self.id || !self.local.contains_key(&agent.name) {
+        let reason = if agent.node != self.id || !self.gossip.is_local(&agent.name) {
             Some(DeclineReason::UnknownAgent)
         } else if task.origin != origin {
             self.metrics
@@ -679,7 +693,7 @@ impl Node {
             // A repeated offer (the origin restarted or our answer was lost): same answer.
             (h.agent != agent.name).then_some(DeclineReason::Overloaded)
         } else {
-            match self.registry.get(&agent) {
+            match self.gossip.registry().get(&agent) {
                 None => Some(DeclineReason::UnknownAgent),
                 Some(e) if self.tasks.load(&agent) >= e.vcv.resources.capacity.max(1) => {
                     Some(DeclineReason::AtCapacity)
@@ -780,7 +794,7 @@ impl Node {
                             .get_or_create(&Kind::of("decline"))
                             .inc();
                         self.tasks
-                            .declined(&agent, task, &reason, &self.registry, now)
+                            .declined(&agent, task, &reason, self.gossip.registry(), now)
                     }
                 }
             }
@@ -809,34 +823,21 @@ impl Node {
                 }
                 vec![]
             }
-            Pending::Digest => vec![],
-            Pending::Pull(peer) => {
-                if let Ok(frames) = result {
-                    let from = peer.to_string();
+            Pending::Sync(peer) => {
+                // The answer is an acknowledgement; any envelopes in it are for the core too.
+                if let (Ok(frames), Some(node)) = (result, p2p::node_id(&peer)) {
                     for f in frames {
-                        match fedmesh_protocol::open(&f, now) {
-                            Ok(env) => {
-                                ingest_registry(
-                                    &mut self.registry,
-                                    &self.metrics,
-                                    self.id,
-                                    &from,
-                                    env,
-                                    &f,
-                                    now,
-                                );
-                            }
-                            Err(r) => self.metrics.p2p_reject(&from, r.label()),
-                        }
+                        self.gossip.receive(node, Via::Direct, f.into(), now);
                     }
-                    self.dirty = true;
+                    self.pump_gossip();
                 }
                 vec![]
             }
         }
     }
 
-    /// Timers: heartbeats, anti-entropy, re-advertisement, result retries, hosted expiry.
+    /// Timers: the registry core (expiry, re-advertisement, anti-entropy), heartbeats, result
+    /// retries, hosted expiry.
     /// Returns the outputs of requests whose answer was lost (counted as failures).
     pub(super) fn fed_tick(&mut self, now: u64) -> Vec<Output> {
         // A request always ends in a response or a failure event, unless the event queue was
@@ -850,6 +851,8 @@ impl Node {
             .filter(|(_, (at, _))| at.elapsed() > lost_after)
             .map(|(t, _)| *t)
             .collect();
+        self.gossip.tick(now);
+        self.pump_gossip();
         let mut out = Vec::new();
         for tag in lost {
             out.extend(self.on_response(tag, Err("answer lost".into())));
@@ -876,7 +879,7 @@ impl Node {
                     &agent,
                     task,
                     "offer not sent",
-                    &self.registry,
+                    self.gossip.registry(),
                     now,
                 ));
             }
@@ -884,20 +887,6 @@ impl Node {
         if self.fed.last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
             self.fed.last_heartbeat = Instant::now();
             self.heartbeat(now);
-        }
-        if self.fed.last_sync.elapsed() >= Duration::from_secs(self.cfg.p2p.sync_interval_s.max(1))
-        {
-            self.fed.last_sync = Instant::now();
-            let peers: Vec<PeerId> = self.fed.connected.iter().copied().collect();
-            for p in peers {
-                self.send_digest(p);
-            }
-        }
-        if self.fed.last_readvertise.elapsed()
-            >= Duration::from_secs(self.cfg.p2p.readvertise_interval_s.max(1))
-        {
-            self.fed.last_readvertise = Instant::now();
-            self.readvertise(now);
         }
         let due: Vec<(TaskId, bool)> = self
             .fed
@@ -954,8 +943,9 @@ impl Node {
         }
         self.fed.my_seq = (self.fed.my_seq + 1).max(now);
         let load: Vec<AgentLoad> = self
-            .local
-            .keys()
+            .gossip
+            .local_agents()
+            .map(|(n, _)| n)
             .take(fedmesh_protocol::limits::MAX_HEARTBEAT_ENTRIES)
             .map(|n| AgentLoad {
                 agent: n.clone(),
@@ -967,54 +957,7 @@ impl Node {
             load,
         };
         if let Some(b) = self.seal(&m, now) {
-            self.gossip(HEARTBEAT_TOPIC, b);
-        }
-    }
-
-    /// Re-signs every live local VCV with a new version (same expiry) and gossips it, so that
-    /// peers that missed it catch up and gossip's duplicate filter does not drop it.
-    fn readvertise(&mut self, now: u64) {
-        let names: Vec<AgentName> = self.local.keys().cloned().collect();
-        for name in names {
-            let agent = AgentId::new(self.id, name.clone());
-            let Some(e) = self.registry.get(&agent) else {
-                continue;
-            };
-            if e.vcv.expires_at_ms <= now + 1000 {
-                continue;
-            }
-            let mut vcv = e.vcv.clone();
-            vcv.version = (vcv.version + 1).max(now);
-            vcv.issued_at_ms = now;
-            let Some(envelope) = self.seal(&Message::Advertise(vcv.clone()), now) else {
-                continue;
-            };
-            let Ok(opened) = fedmesh_protocol::open(&envelope, now) else {
-                continue;
-            };
-            let version = vcv.version;
-            if self
-                .registry
-                .insert(
-                    Entry {
-                        vcv,
-                        id: opened.id,
-                        envelope: envelope.clone(),
-                    },
-                    now,
-                )
-                .is_ok()
-            {
-                self.local.insert(name.clone(), LocalAgent { version });
-                if let Err(e) = self.store.apply([Write::Vcv {
-                    name: name.to_string(),
-                    envelope: envelope.clone(),
-                }]) {
-                    tracing::error!(error = %e, "storing a VCV");
-                }
-                self.unflushed = true;
-                self.gossip(REGISTRY_TOPIC, envelope);
-            }
+            self.broadcast(HEARTBEAT_TOPIC, b);
         }
     }
 }
@@ -1022,7 +965,7 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedmesh_protocol::sample;
+    use fedmesh_protocol::{gossip, sample};
 
     const NOW: u64 = 1_790_000_000_000;
 
@@ -1030,14 +973,28 @@ mod tests {
         Metrics::new(&mut prometheus_client::registry::Registry::default())
     }
 
+    fn core() -> Federation {
+        Federation::new(sample::key(9), gossip::Config::default(), 9, NOW).expect("config")
+    }
+
+    /// The verdict of one registry-topic message, as the node reports it.
+    fn judge(
+        core: &mut Federation,
+        m: &Metrics,
+        from: &PeerId,
+        source: Option<&PeerId>,
+        data: &[u8],
+    ) -> MessageAcceptance {
+        receive_registry_gossip(core, m, from, source, data, NOW).0
+    }
+
     #[test]
     fn forged_advertisements_are_rejected_and_counted_per_peer() {
-        let me = sample::key(9).node_id();
         let honest = sample::key(1);
         let forger = sample::key(2);
         let relay = p2p::peer_id(&sample::key(3).node_id()).expect("pid");
         let m = metrics();
-        let mut reg = Registry::new(100);
+        let mut core = core();
         let from = relay.to_string();
 
         // 1. The forger signs an advertisement for an agent of the honest node.
@@ -1045,7 +1002,7 @@ mod tests {
         let forged =
             fedmesh_protocol::seal(&forger, NOW, &Message::Advertise(vcv.clone())).expect("seal");
         let src = p2p::peer_id(&forger.node_id());
-        let a = judge_registry_gossip(&mut reg, &m, me, &relay, src.as_ref(), &forged, NOW);
+        let a = judge(&mut core, &m, &relay, src.as_ref(), &forged);
         assert_eq!(a, MessageAcceptance::Reject);
         assert_eq!(m.p2p_rejected_count(&from, "host_mismatch"), 1);
 
@@ -1055,51 +1012,75 @@ mod tests {
         let last = bad.len() - 1;
         bad[last] ^= 1;
         let hsrc = p2p::peer_id(&honest.node_id());
-        let a = judge_registry_gossip(&mut reg, &m, me, &relay, hsrc.as_ref(), &bad, NOW);
+        let a = judge(&mut core, &m, &relay, hsrc.as_ref(), &bad);
         assert_eq!(a, MessageAcceptance::Reject);
         assert_eq!(m.p2p_rejected_count(&from, "bad_signature"), 1);
 
         // 3. Genuine bytes re-published under another author.
-        let a = judge_registry_gossip(&mut reg, &m, me, &relay, src.as_ref(), &good, NOW);
+        let a = judge(&mut core, &m, &relay, src.as_ref(), &good);
         assert_eq!(a, MessageAcceptance::Reject);
         assert_eq!(m.p2p_rejected_count(&from, "host_mismatch"), 2);
-        assert!(reg.is_empty(), "nothing forged got in");
+        assert!(core.registry().is_empty(), "nothing forged got in");
 
-        // 4. The genuine one is accepted; its replay and an older version are ignored.
-        let a = judge_registry_gossip(&mut reg, &m, me, &relay, hsrc.as_ref(), &good, NOW);
+        // 4. The genuine one is accepted (forwarded); its replay and an older version are
+        //    ignored.
+        let (a, rest) = receive_registry_gossip(&mut core, &m, &relay, hsrc.as_ref(), &good, NOW);
         assert_eq!(a, MessageAcceptance::Accept);
-        assert_eq!(reg.len(), 1);
-        let a = judge_registry_gossip(&mut reg, &m, me, &relay, hsrc.as_ref(), &good, NOW);
+        assert!(
+            rest.iter()
+                .any(|o| matches!(o, OutEvent::Event(gossip::Event::Added { .. })))
+        );
+        assert_eq!(core.registry().len(), 1);
+        let a = judge(&mut core, &m, &relay, hsrc.as_ref(), &good);
         assert_eq!(a, MessageAcceptance::Ignore);
+        assert_eq!(m.p2p_rejected_count(&from, "duplicate"), 1);
         let old = sample::vcv(&honest, "victim", 4, NOW);
         let old = fedmesh_protocol::seal(&honest, NOW, &Message::Advertise(old)).expect("seal");
-        let a = judge_registry_gossip(&mut reg, &m, me, &relay, hsrc.as_ref(), &old, NOW);
+        let a = judge(&mut core, &m, &relay, hsrc.as_ref(), &old);
         assert_eq!(a, MessageAcceptance::Ignore);
-        assert_eq!(m.p2p_rejected_count(&from, "version_not_newer"), 2);
+        assert_eq!(m.p2p_rejected_count(&from, "version_not_newer"), 1);
 
         // 5. Garbage.
-        let a = judge_registry_gossip(&mut reg, &m, me, &relay, hsrc.as_ref(), b"\x01junk", NOW);
+        let a = judge(&mut core, &m, &relay, hsrc.as_ref(), b"\x01junk");
+        assert_eq!(a, MessageAcceptance::Reject);
+
+        // 6. Anti-entropy messages do not belong on the topic.
+        let digest = Message::SyncDigest { entries: vec![] };
+        let page = fedmesh_protocol::seal(&honest, NOW, &digest).expect("seal");
+        let a = judge(&mut core, &m, &relay, hsrc.as_ref(), &page);
         assert_eq!(a, MessageAcceptance::Reject);
     }
 
     #[test]
     fn withdrawals_by_another_node_are_rejected() {
-        let me = sample::key(9).node_id();
         let honest = sample::key(1);
         let forger = sample::key(2);
         let relay = p2p::peer_id(&sample::key(3).node_id()).expect("pid");
         let m = metrics();
-        let mut reg = Registry::new(100);
+        let mut core = core();
         let vcv = sample::vcv(&honest, "victim", 5, NOW);
         let agent = vcv.agent.clone();
         let good = fedmesh_protocol::seal(&honest, NOW, &Message::Advertise(vcv)).expect("seal");
         let hsrc = p2p::peer_id(&honest.node_id());
-        judge_registry_gossip(&mut reg, &m, me, &relay, hsrc.as_ref(), &good, NOW);
-        let w = fedmesh_protocol::seal(&forger, NOW, &Message::Withdraw { agent, version: 9 })
-            .expect("seal");
+        judge(&mut core, &m, &relay, hsrc.as_ref(), &good);
+        let w = fedmesh_protocol::seal(
+            &forger,
+            NOW,
+            &Message::Withdraw {
+                agent: agent.clone(),
+                version: 9,
+            },
+        )
+        .expect("seal");
         let fsrc = p2p::peer_id(&forger.node_id());
-        let a = judge_registry_gossip(&mut reg, &m, me, &relay, fsrc.as_ref(), &w, NOW);
+        let a = judge(&mut core, &m, &relay, fsrc.as_ref(), &w);
         assert_eq!(a, MessageAcceptance::Reject);
-        assert_eq!(reg.len(), 1);
+        assert_eq!(core.registry().len(), 1);
+        // The owner's withdrawal is accepted.
+        let w = fedmesh_protocol::seal(&honest, NOW, &Message::Withdraw { agent, version: 9 })
+            .expect("seal");
+        let a = judge(&mut core, &m, &relay, hsrc.as_ref(), &w);
+        assert_eq!(a, MessageAcceptance::Accept);
+        assert!(core.registry().is_empty());
     }
 }
