@@ -290,6 +290,8 @@ impl Node {
                         n += 1;
                     }
                     self.execute(outputs).await?;
+                    // Results of hosted tasks leave now that their records are flushed.
+                    self.send_outbox(now_ms());
                     self.dirty = true;
                 }
                 ev = p2p_events.recv() => {

@@ -839,6 +839,42 @@ impl Node {
     /// Timers: the registry core (expiry, re-advertisement, anti-entropy), heartbeats, result
     /// retries, hosted expiry.
     /// Returns the outputs of requests whose answer was lost (counted as failures).
+    /// Sends every due progress/result message of hosted tasks. Called after each batch's flush
+    /// (so a result leaves as soon as its hosted record is durable, not on the next tick) and
+    /// from the tick (retries with backoff).
+    pub(super) fn send_outbox(&mut self, now: u64) {
+        let due: Vec<(TaskId, bool)> = self
+            .fed
+            .outbox
+            .iter()
+            .filter(|(_, o)| !o.in_flight && o.next_try <= Instant::now())
+            .map(|(k, _)| *k)
+            .collect();
+        for key in due {
+            let Some(o) = self.fed.outbox.get(&key) else {
+                continue;
+            };
+            if now > o.give_up_ms {
+                self.metrics.error("hosted_send_gave_up");
+                self.fed.outbox.remove(&key);
+                if key.1 && self.fed.hosted.remove(&key.0).is_some() {
+                    let _ = self.store.apply([Write::DeleteHosted(key.0)]);
+                    self.unflushed = true;
+                }
+                continue;
+            }
+            let (peer, data) = (o.peer, o.data.clone());
+            let sent = self.request(peer, data, Pending::Send(key));
+            if let Some(o) = self.fed.outbox.get_mut(&key) {
+                if sent {
+                    o.in_flight = true;
+                } else {
+                    o.next_try = Instant::now() + o.backoff;
+                }
+            }
+        }
+    }
+
     pub(super) fn fed_tick(&mut self, now: u64) -> Vec<Output> {
         // A request always ends in a response or a failure event, unless the event queue was
         // full; such requests are failed here so nothing waits forever.
@@ -888,36 +924,7 @@ impl Node {
             self.fed.last_heartbeat = Instant::now();
             self.heartbeat(now);
         }
-        let due: Vec<(TaskId, bool)> = self
-            .fed
-            .outbox
-            .iter()
-            .filter(|(_, o)| !o.in_flight && o.next_try <= Instant::now())
-            .map(|(k, _)| *k)
-            .collect();
-        for key in due {
-            let Some(o) = self.fed.outbox.get(&key) else {
-                continue;
-            };
-            if now > o.give_up_ms {
-                self.metrics.error("hosted_send_gave_up");
-                self.fed.outbox.remove(&key);
-                if key.1 && self.fed.hosted.remove(&key.0).is_some() {
-                    let _ = self.store.apply([Write::DeleteHosted(key.0)]);
-                    self.unflushed = true;
-                }
-                continue;
-            }
-            let (peer, data) = (o.peer, o.data.clone());
-            let sent = self.request(peer, data, Pending::Send(key));
-            if let Some(o) = self.fed.outbox.get_mut(&key) {
-                if sent {
-                    o.in_flight = true;
-                } else {
-                    o.next_try = Instant::now() + o.backoff;
-                }
-            }
-        }
+        self.send_outbox(now);
         // Hosted tasks whose agent never answered are dropped well after their deadline.
         let stale: Vec<(TaskId, AgentName)> = self
             .fed
