@@ -5,6 +5,7 @@ mod api;
 mod audit;
 mod bench;
 mod client;
+mod droplog;
 mod http;
 mod keyfile;
 mod metrics;
@@ -231,12 +232,31 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     })
 }
 
+/// Logging to stderr filtered by `RUST_LOG` or `filter`, plus [`droplog::DropLog`], which
+/// counts rumqttd's slow-subscriber drops whatever the filter (per-layer filters) and
+/// replaces rumqttd's per-jump warnings in the log by a summary at most once a second.
 fn init_tracing(filter: &str) {
+    use tracing_subscriber::filter::{FilterExt, filter_fn};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
+
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .try_init();
+        .with_filter(
+            EnvFilter::new(filter).and(filter_fn(|m| !droplog::is_rumqttd_drop_callsite(m))),
+        );
+    let drops = droplog::DropLog::new(droplog::DropCounters::global());
+    let summarizer = drops.summarizer();
+    if tracing_subscriber::registry()
+        .with(fmt)
+        .with(drops.with_filter(droplog::DropLog::filter()))
+        .try_init()
+        .is_ok()
+    {
+        summarizer.spawn();
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -149,6 +149,24 @@ impl Metrics {
             m.p2p_out.clone(),
         );
         r.register("p2p_peers", "Connected libp2p peers", m.p2p_peers.clone());
+        // rumqttd's own drops, counted from its log events by `droplog::DropLog` (the
+        // inbound/outbound queue drops are `fedmesh_broker{kind="…_dropped"}`).
+        let drops = crate::droplog::DropCounters::global();
+        let r = r.sub_registry_with_label((
+            std::borrow::Cow::Borrowed("reason"),
+            std::borrow::Cow::Borrowed(crate::droplog::REASON),
+        ));
+        r.register(
+            "broker_dropped",
+            "Messages the embedded broker dropped, by reason (slow_subscriber: skipped by a \
+             subscriber that fell more than its filter's commit log behind)",
+            drops.dropped,
+        );
+        r.register(
+            "broker_drop_events",
+            "Drop events of the embedded broker, by reason (slow_subscriber: read cursor jumps)",
+            drops.events,
+        );
         m
     }
 
