@@ -23,7 +23,13 @@
 //!   sender itself was is reported as `send_lag`.
 //! * `--messages N` (per publisher) or `--duration D` bounds the run; subscribers stop
 //!   when they have everything that was sent, or `--drain` after the last message
-//!   arrived once publishers are done.
+//!   arrived once publishers are done (or at most `--drain-max` after they are done).
+//! * `--sub-delay-us N` makes every subscriber slow: it consumes at most one message per
+//!   N µs (it sleeps after each read until the messages read are "processed"), so the
+//!   broker has to queue or drop for it.
+//! * `--rss-pid PID` samples the resident set size (`VmRSS` in `/proc/PID/status`) of
+//!   another process, the broker, every `--rss-every` while the run lasts, and reports
+//!   the maximum, the last sample and the series.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
@@ -124,6 +130,20 @@ struct Args {
     /// Print the sequence numbers each subscriber missed (as ranges) on stderr.
     #[arg(long)]
     gaps: bool,
+    /// Slow subscribers: each consumes at most one message per this many µs (0 = as
+    /// fast as it can).
+    #[arg(long, default_value_t = 0)]
+    sub_delay_us: u64,
+    /// Subscribers stop at most this long after the publishers finish, even while
+    /// messages still arrive (a slow subscriber behind a broker that queues everything).
+    #[arg(long, value_parser = parse_duration)]
+    drain_max: Option<Duration>,
+    /// Sample the RSS of this process (e.g. the broker's pid) during the run.
+    #[arg(long)]
+    rss_pid: Option<u32>,
+    /// Interval of the RSS samples.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    rss_every: Duration,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -390,7 +410,12 @@ async fn subscriber(
     let mut acks = Vec::with_capacity(4096);
     let mut last_data = Instant::now();
     let mut now_ns = clock.ns();
+    // --sub-delay-us: when the messages read so far will have been "processed".
+    let delay = Duration::from_micros(args.sub_delay_us);
+    let mut busy_until = Instant::now();
+    let mut publishers_done_at: Option<Instant> = None;
     loop {
+        let before = s.received + s.foreign;
         let used = s.ingest(&buf[..filled], now_ns, &mut acks)?;
         buf.copy_within(used..filled, 0);
         filled -= used;
@@ -398,12 +423,24 @@ async fn subscriber(
             stream.write_all(&acks).await.context("sending PUBACKs")?;
             acks.clear();
         }
+        let consumed = (s.received + s.foreign - before) as u32;
+        if !delay.is_zero() && consumed > 0 {
+            busy_until = busy_until.max(Instant::now()) + delay * consumed;
+            // Sleep in whole milliseconds (tokio's timer); the debt carries over.
+            if busy_until > Instant::now() + Duration::from_millis(1) {
+                tokio::time::sleep_until(busy_until.into()).await;
+            }
+        }
         if shared.abort.load(Ordering::SeqCst) {
             break;
         }
         if shared.publishers_done.load(Ordering::SeqCst) == u64::from(args.publishers) {
             let sent = shared.sent.load(Ordering::SeqCst);
-            if s.unique >= sent || last_data.elapsed() >= args.drain {
+            let done = *publishers_done_at.get_or_insert_with(Instant::now);
+            if s.unique >= sent
+                || last_data.elapsed() >= args.drain
+                || args.drain_max.is_some_and(|d| done.elapsed() >= d)
+            {
                 break;
             }
         }
@@ -884,6 +921,69 @@ async fn fast_publisher(
     ))
 }
 
+// ---------------------------------------------------------------- RSS sampling
+
+/// `VmRSS` of `pid` in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Samples `VmRSS` of a process on a thread of its own until stopped.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<Vec<u64>>,
+}
+
+impl RssSampler {
+    fn start(pid: u32, every: Duration) -> Result<Self> {
+        ensure!(
+            rss_kib(pid).is_some(),
+            "no VmRSS for pid {pid} (/proc/{pid}/status)"
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::Builder::new().name("rss".into()).spawn(move || {
+            let mut samples = Vec::new();
+            let start = Instant::now();
+            let mut n = 0u32;
+            loop {
+                if let Some(kib) = rss_kib(pid) {
+                    samples.push(kib);
+                }
+                if flag.load(Ordering::SeqCst) {
+                    break;
+                }
+                n += 1;
+                let due = start + every * n;
+                while Instant::now() < due && !flag.load(Ordering::SeqCst) {
+                    thread::sleep((due - Instant::now()).min(Duration::from_millis(50)));
+                }
+            }
+            samples
+        })?;
+        Ok(Self { stop, thread })
+    }
+
+    /// Stops (after a last sample) and returns the samples, KiB.
+    fn finish(self) -> Vec<u64> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// RSS of the sampled process over the run.
+#[derive(Debug, Serialize)]
+struct RssReport {
+    pid: u32,
+    max_kib: u64,
+    first_kib: u64,
+    last_kib: u64,
+    /// One sample per `--rss-every`, KiB.
+    samples_kib: Vec<u64>,
+}
+
 // ---------------------------------------------------------------- report
 
 #[derive(Debug, Serialize)]
@@ -955,6 +1055,10 @@ struct Report {
     closed_by_broker: u32,
     /// The generator's own CPU time (user + system), seconds.
     generator_cpu_s: Option<f64>,
+    /// `--sub-delay-us`.
+    sub_delay_us: u64,
+    /// `--rss-pid`: the sampled process's RSS.
+    rss: Option<RssReport>,
 }
 
 /// CPU time of this process (all threads), from /proc/self/stat (Linux).
@@ -1021,6 +1125,16 @@ fn print_text(r: &Report) {
     }
     if let Some(c) = r.generator_cpu_s {
         println!("generator CPU {c:.2} s");
+    }
+    if let Some(rss) = &r.rss {
+        println!(
+            "RSS of pid {}  max {} KiB  first {} KiB  last {} KiB  ({} samples)",
+            rss.pid,
+            rss.max_kib,
+            rss.first_kib,
+            rss.last_kib,
+            rss.samples_kib.len()
+        );
     }
 }
 
@@ -1172,7 +1286,21 @@ fn real_main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let sampler = match args.rss_pid {
+        Some(pid) => Some(RssSampler::start(pid, args.rss_every)?),
+        None => None,
+    };
     let (pub_stats, sub_stats) = rt.block_on(run(args.clone(), subs, pubs, clock, shared))?;
+    let rss = sampler.zip(args.rss_pid).map(|(s, pid)| {
+        let samples_kib = s.finish();
+        RssReport {
+            pid,
+            max_kib: samples_kib.iter().copied().max().unwrap_or(0),
+            first_kib: samples_kib.first().copied().unwrap_or(0),
+            last_kib: samples_kib.last().copied().unwrap_or(0),
+            samples_kib,
+        }
+    });
 
     if args.gaps {
         for (si, sub) in sub_stats.iter().enumerate() {
@@ -1262,6 +1390,8 @@ fn real_main() -> Result<()> {
         send_lag_us: (args.rate > 0.0).then(|| Quantiles::micros(&lag)),
         closed_by_broker: closed,
         generator_cpu_s: process_cpu_s(),
+        sub_delay_us: args.sub_delay_us,
+        rss,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -1284,6 +1414,17 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("3h").is_err());
         assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn rss_of_self() -> Result<()> {
+        let kib = rss_kib(std::process::id()).unwrap_or(0);
+        assert!(kib > 0);
+        let s = RssSampler::start(std::process::id(), Duration::from_millis(10))?;
+        thread::sleep(Duration::from_millis(35));
+        let samples = s.finish();
+        assert!(samples.len() >= 3, "{samples:?}");
+        Ok(())
     }
 
     #[test]
