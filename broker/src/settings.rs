@@ -93,6 +93,30 @@ const SEGMENT_MAX: u64 = 4 * 1024 * 1024;
 /// What the budget cannot bound: rumqttd creates a log per distinct filter (and, with
 /// dynamic filters, per distinct topic published with no matching filter) and never
 /// frees one; retained messages and the per-client-id "graveyard" also grow with use.
+///
+/// # What happens under a flood, and the RSS to expect
+///
+/// A QoS 0 flood towards a slow subscriber is bounded by the filter's log: once the
+/// subscriber is more than `5 × segment` behind, rumqttd drops the oldest segment and the
+/// subscriber's read cursor jumps over it. Those messages are lost for it; the node counts
+/// them in `fedmesh_broker_dropped_total{reason="slow_subscriber"}` (from rumqttd's
+/// "Read cursor start jumped" warning, see the node's `droplog` module). QoS 1 traffic on
+/// other filters keeps flowing meanwhile (it has its own logs).
+///
+/// The budget is the broker's estimated ceiling, not an allocation, and covers the broker
+/// only. The whole node's RSS should stay under
+///
+/// ```text
+/// RSS ≤ B + margin,   margin = 64 MiB + B/4
+/// ```
+///
+/// where 64 MiB pays for the rest of the node (tokio, sled's cache, libp2p, the HTTP
+/// server, the registry and task state at modest sizes: an idle node is ≈ 16 MiB) and
+/// `B/4` for allocator slack (segments are freed and reallocated at flood rate). Measured
+/// by `scripts/soak.sh` (BENCHMARKS.md, "QoS 0 flood soak"): a 60 s QoS 0 1 KiB flood at
+/// ≈ 270 K msg/s towards a subscriber reading 10 K msg/s, with QoS 1 at 500 msg/s
+/// alongside: max RSS 26.6 MiB with B = 64 MiB (limit 144 MiB), with no QoS 1 loss.
+/// mosquitto, for comparison, queued the same flood up to 1.05 GiB.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerLimits {
     /// Client connections the proxy admits.

@@ -1,15 +1,37 @@
 //! Bounded memory under a QoS 0 flood towards a subscriber that never reads, while QoS 1
 //! traffic keeps flowing (issue #6). Its own test binary, so the RSS it measures is its own.
+//! A second, slow subscriber makes rumqttd drop segments under it, which it reports as a
+//! `warn` "Read cursor start jumped …" (what the node counts in
+//! `fedmesh_broker_dropped_total{reason="slow_subscriber"}`): the test checks it does.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
 use rumqttc::{Packet, QoS};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+
+/// rumqttd's read-cursor-jump warnings seen (any thread).
+static JUMPS: AtomicU64 = AtomicU64::new(0);
+
+struct JumpCounter;
+
+impl<S: tracing::Subscriber> Layer<S> for JumpCounter {
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+        let m = event.metadata();
+        if m.target().starts_with("rumqttd")
+            && *m.level() == tracing::Level::WARN
+            && m.fields().field("start_cursor").is_some()
+        {
+            JUMPS.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
@@ -44,6 +66,8 @@ fn publish_frame(topic: &str, payload: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos0_flood_is_bounded_and_qos1_keeps_flowing() {
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(JumpCounter))
+        .unwrap();
     let mut s = settings();
     s.memory_budget_bytes = 16 * 1024 * 1024;
     s.max_payload_bytes = 4096;
@@ -59,6 +83,25 @@ async fn qos0_flood_is_bounded_and_qos1_keeps_flowing() {
     let mut sub = sub.to_vec();
     sub[1] = (sub.len() - 2) as u8;
     stuck.write_all(&sub).await.unwrap();
+    // And one that reads 4 KiB every 10 ms (400 KB/s, far below the flood's rate).
+    let (code, mut slow) = raw_connack(addr, &raw_connect(4, "slow", 60, None)).await;
+    assert_eq!(code, Some(0));
+    slow.write_all(&sub).await.unwrap();
+    let slow_reader = tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        let mut total = 0u64;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline
+            && let Ok(Ok(n)) = timeout(Duration::from_secs(2), slow.read(&mut buf)).await
+        {
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        total
+    });
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let (code, mut flooder) = raw_connack(addr, &raw_connect(4, "flooder", 60, None)).await;
@@ -140,6 +183,14 @@ async fn qos0_flood_is_bounded_and_qos1_keeps_flowing() {
         grown < 64 << 20,
         "RSS grew by {} MiB under the flood",
         grown >> 20
+    );
+    let slow_read = slow_reader.await.unwrap();
+    let jumps = JUMPS.load(Ordering::Relaxed);
+    eprintln!("slow subscriber read {slow_read} B; rumqttd cursor jumps {jumps}");
+    assert!(slow_read > 0, "the slow subscriber received");
+    assert!(
+        jumps > 0,
+        "rumqttd reported dropping segments under the slow subscriber"
     );
     assert_serves(addr).await;
     drop(stuck);
