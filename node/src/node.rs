@@ -364,6 +364,8 @@ impl Node {
             self.store.flush().await?;
             self.unflushed = false;
         }
+        // Offers accepted in this batch are durable now: answer them and deliver their tasks.
+        self.after_flush();
         for _ in 0..MAX_ROUNDS {
             if outputs.is_empty() {
                 break;

@@ -94,7 +94,18 @@ const OFFER_RETRY: Duration = Duration::from_millis(1000);
 
 /// Federation state of the node.
 #[derive(Debug)]
+/// How an offer is answered.
+enum OfferAnswer {
+    /// Now (a decline).
+    Now(Option<Vec<u8>>),
+    /// After the batch's flush (an accept, with the hosted record to make durable first).
+    AfterFlush(Option<Vec<u8>>),
+}
+
 pub(super) struct Fed {
+    /// Accepted offers whose answers (and agent deliveries) wait for the batch's flush: one
+    /// sled flush covers every offer of a batch, and nothing is acknowledged before it.
+    after_flush: Vec<(u64, Option<Vec<u8>>, TaskId)>,
     hosted: HashMap<TaskId, Hosted>,
     /// Unacknowledged progress (`false`) and results (`true`) of hosted tasks.
     outbox: HashMap<(TaskId, bool), Outgoing>,
@@ -113,6 +124,7 @@ pub(super) struct Fed {
 impl Fed {
     pub(super) fn new() -> Self {
         Self {
+            after_flush: Vec::new(),
             hosted: HashMap::new(),
             outbox: HashMap::new(),
             pending: HashMap::new(),
@@ -636,8 +648,13 @@ impl Node {
                 attempt,
                 ..
             } => {
-                let answer = self.host_offer(signer, task, agent, attempt, now).await?;
-                self.respond(id, answer.into_iter().collect());
+                let task_id = task.id;
+                match self.host_offer(signer, task, agent, attempt, now).await? {
+                    OfferAnswer::Now(answer) => self.respond(id, answer.into_iter().collect()),
+                    OfferAnswer::AfterFlush(answer) => {
+                        self.fed.after_flush.push((id, answer, task_id));
+                    }
+                }
             }
             Message::Progress {
                 task,
@@ -681,7 +698,7 @@ impl Node {
         agent: AgentId,
         attempt: u32,
         now: u64,
-    ) -> anyhow::Result<Option<Vec<u8>>> {
+    ) -> anyhow::Result<OfferAnswer> {
         let id = task.id;
         let reason = if agent.node != self.id || !self.gossip.is_local(&agent.name) {
             Some(DeclineReason::UnknownAgent)
@@ -712,14 +729,14 @@ impl Node {
                 .p2p_out
                 .get_or_create(&Kind::of("decline"))
                 .inc();
-            return Ok(self.seal(
+            return Ok(OfferAnswer::Now(self.seal(
                 &Message::Decline {
                     task: id,
                     agent,
                     reason,
                 },
                 now,
-            ));
+            )));
         }
         if !self.fed.hosted.contains_key(&id) {
             let h = Hosted {
@@ -737,18 +754,28 @@ impl Node {
                 serde_json::json!({"origin": origin.to_string(), "agent": agent.to_string()}),
             );
         }
-        // Durable before we say yes.
-        self.store.flush().await?;
-        self.unflushed = false;
-        if let Some(h) = self.fed.hosted.get(&id) {
-            let topic = format!("fedmesh/v1/agent/{}/inbox", h.agent);
-            self.publish(topic, api::task_message(&h.spec, h.attempt), None, "task");
-        }
+        // Durable before we say yes: the answer and the delivery wait for the batch's flush
+        // (`after_flush`), so a burst of offers costs one flush, not one each.
+        self.unflushed = true;
         self.metrics
             .p2p_out
             .get_or_create(&Kind::of("accept"))
             .inc();
-        Ok(self.seal(&Message::Accept { task: id, agent }, now))
+        Ok(OfferAnswer::AfterFlush(
+            self.seal(&Message::Accept { task: id, agent }, now),
+        ))
+    }
+
+    /// Sends the answers and agent deliveries of offers accepted before the flush that just
+    /// completed. Called by `execute` right after it flushes.
+    pub(super) fn after_flush(&mut self) {
+        for (request, answer, task) in std::mem::take(&mut self.fed.after_flush) {
+            if let Some(h) = self.fed.hosted.get(&task) {
+                let topic = format!("fedmesh/v1/agent/{}/inbox", h.agent);
+                self.publish(topic, api::task_message(&h.spec, h.attempt), None, "task");
+            }
+            self.respond(request, answer.into_iter().collect());
+        }
     }
 
     fn on_response(&mut self, tag: u64, result: Result<Vec<Vec<u8>>, String>) -> Vec<Output> {
