@@ -131,8 +131,11 @@ async fn gossip(a: GossipArgs) -> anyhow::Result<()> {
     let base = 1_000_000_000u64 + u64::from(rand::random::<u32>());
     let keys: Vec<_> = (0..n).map(|i| sample::key(i as u8 + 1)).collect();
     let addr = |i: usize| format!("/memory/{}", base + i as u64);
-    let (arrive_tx, mut arrive_rx) = mpsc::unbounded_channel::<(Id, usize, Instant)>();
-    let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<(usize, bool)>();
+    // Bounded like every queue: sized for every arrival of the run (nodes × ads, plus slack);
+    // connection events add a few per node; a full queue drops the sample (never blocks).
+    let cap = (n * (a.ads + 2) * 4).max(1024);
+    let (arrive_tx, mut arrive_rx) = mpsc::channel::<(Id, usize, Instant)>(cap);
+    let (conn_tx, mut conn_rx) = mpsc::channel::<(usize, bool)>(cap);
     let mut handles = Vec::with_capacity(n);
     let mut dials = 0;
     for (i, key) in keys.iter().enumerate() {
@@ -163,7 +166,7 @@ async fn gossip(a: GossipArgs) -> anyhow::Result<()> {
                     } => {
                         let acceptance = match p2p::check_gossip(&data, source.as_ref(), now_ms()) {
                             Ok(_) => {
-                                let _ = arrive.send((
+                                let _ = arrive.try_send((
                                     *blake3::hash(&data).as_bytes(),
                                     i,
                                     Instant::now(),
@@ -179,10 +182,10 @@ async fn gossip(a: GossipArgs) -> anyhow::Result<()> {
                         });
                     }
                     Event::Connected(_) => {
-                        let _ = conn.send((i, true));
+                        let _ = conn.try_send((i, true));
                     }
                     Event::Disconnected(_) => {
-                        let _ = conn.send((i, false));
+                        let _ = conn.try_send((i, false));
                     }
                     Event::Request { id, .. } => {
                         h2.send(Command::Respond { id, frames: vec![] });
