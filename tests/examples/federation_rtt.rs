@@ -13,17 +13,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use fedmesh_tests::mqtt::{advert, connect};
+use fedmesh_tests::mqtt::{connect, percentile, spawn_echo_agent};
 use fedmesh_tests::{TestNode, free_port};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted
-        .get(((sorted.len() as f64 - 1.0) * p).round() as usize)
-        .copied()
-        .unwrap_or_default()
-}
 
 fn node_env(port: u16, bootstrap: Option<&str>) -> Vec<(String, String)> {
     let mut env = vec![
@@ -192,24 +185,7 @@ async fn main() -> anyhow::Result<()> {
     })?;
 
     // The echo agent, on C only.
-    let mut agent = connect(c.mqtt_v4, "echo", &["fedmesh/v1/agent/echo/inbox"]).await?;
-    agent
-        .send(
-            "fedmesh/v1/agent/echo/advertise",
-            advert("Echoes its input back", u16::MAX),
-        )
-        .await?;
-    agent.expect("advertised").await?;
-    let agent_task = tokio::spawn(async move {
-        while let Ok(t) = agent.expect_within("task", Duration::from_secs(120)).await {
-            let _ = agent
-                .send(
-                    "fedmesh/v1/agent/echo/result",
-                    json!({"task_id": t["task_id"], "output": t["input"]}),
-                )
-                .await;
-        }
-    });
+    let agent_task = spawn_echo_agent(c.mqtt_v4, "echo", Duration::from_secs(120)).await?;
     wait_status("A lists C's agent", &a, |s| {
         s["agents"].as_array().is_some_and(|v| {
             v.iter().any(|x| {
@@ -244,19 +220,19 @@ async fn main() -> anyhow::Result<()> {
     ));
     agent_task.abort();
 
-    let tcp_p50 = pct(&rows[1].1.lat, 0.5).as_secs_f64();
+    let tcp_p50 = percentile(&rows[1].1.lat, 0.5).as_secs_f64();
     println!(
         "| mode | n | failed | per s | p50 | p99 | p50 / raw TCP p50 (1 in flight) |\n|---|---:|---:|---:|---:|---:|---:|"
     );
     for (name, r) in &rows {
-        let p50 = pct(&r.lat, 0.5);
+        let p50 = percentile(&r.lat, 0.5);
         println!(
             "| {name} | {} | {} | {:.0} | {:.3} ms | {:.3} ms | {:.0}× |",
             r.lat.len() + r.failed,
             r.failed,
             r.rate,
             p50.as_secs_f64() * 1e3,
-            pct(&r.lat, 0.99).as_secs_f64() * 1e3,
+            percentile(&r.lat, 0.99).as_secs_f64() * 1e3,
             p50.as_secs_f64() / tcp_p50
         );
     }

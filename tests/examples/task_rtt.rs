@@ -11,15 +11,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use fedmesh_tests::TestNode;
-use fedmesh_tests::mqtt::{advert, connect};
+use fedmesh_tests::mqtt::{connect, percentile, spawn_echo_agent};
 use serde_json::json;
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted
-        .get(((sorted.len() as f64 - 1.0) * p).round() as usize)
-        .copied()
-        .unwrap_or_default()
-}
 
 async fn run(
     node: &TestNode,
@@ -27,24 +20,7 @@ async fn run(
     window: usize,
     tag: &str,
 ) -> anyhow::Result<(f64, Vec<Duration>)> {
-    let mut agent = connect(node.mqtt_v4, "echo", &["fedmesh/v1/agent/echo/inbox"]).await?;
-    agent
-        .send(
-            "fedmesh/v1/agent/echo/advertise",
-            advert("Echoes its input back", u16::MAX),
-        )
-        .await?;
-    agent.expect("advertised").await?;
-    let agent_task = tokio::spawn(async move {
-        while let Ok(t) = agent.expect_within("task", Duration::from_secs(30)).await {
-            let _ = agent
-                .send(
-                    "fedmesh/v1/agent/echo/result",
-                    json!({"task_id": t["task_id"], "output": t["input"]}),
-                )
-                .await;
-        }
-    });
+    let agent_task = spawn_echo_agent(node.mqtt_v4, "echo", Duration::from_secs(30)).await?;
     let mut req = connect(node.mqtt_v4, "bench", &["fedmesh/v1/client/bench/inbox"]).await?;
     let mut sent: HashMap<String, Instant> = HashMap::new();
     let mut lat = Vec::with_capacity(tasks);
@@ -88,14 +64,14 @@ async fn main() -> anyhow::Result<()> {
     let (rate, lat) = run(&node, tasks, window, "load").await?;
     println!(
         "pipelined ({window} in flight): {tasks} tasks, {rate:.0} tasks/s, p50 {:?}, p99 {:?}",
-        pct(&lat, 0.5),
-        pct(&lat, 0.99)
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
     );
     let (rate1, lat1) = run(&node, 2000.min(tasks), 1, "seq").await?;
     println!(
         "sequential (1 in flight): {rate1:.0} tasks/s, p50 {:?}, p99 {:?}",
-        pct(&lat1, 0.5),
-        pct(&lat1, 0.99)
+        percentile(&lat1, 0.5),
+        percentile(&lat1, 0.99)
     );
     Ok(())
 }

@@ -305,6 +305,38 @@ pub mod mqtt {
         }
     }
 
+    /// Connects an agent `name` that advertises itself as an echo agent and answers every task
+    /// with its input, until no task arrives for `idle`. Abort the handle to stop it earlier.
+    pub async fn spawn_echo_agent(
+        port: u16,
+        name: &str,
+        idle: Duration,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let mut agent = connect(port, name, &[&format!("fedmesh/v1/agent/{name}/inbox")]).await?;
+        agent
+            .send(
+                &format!("fedmesh/v1/agent/{name}/advertise"),
+                advert("Echoes its input back", u16::MAX),
+            )
+            .await?;
+        agent.expect("advertised").await?;
+        let result_topic = format!("fedmesh/v1/agent/{name}/result");
+        Ok(tokio::spawn(async move {
+            while let Ok(t) = agent.expect_within("task", idle).await {
+                let out = serde_json::json!({"task_id": t["task_id"], "output": t["input"]});
+                let _ = agent.send(&result_topic, out).await;
+            }
+        }))
+    }
+
+    /// The `p` quantile (0..=1) of sorted durations.
+    pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+        sorted
+            .get(((sorted.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or_default()
+    }
+
     /// Advertise payload for a test agent.
     pub fn advert(description: &str, capacity: u16) -> serde_json::Value {
         serde_json::json!({"description": description, "resources": {"capacity": capacity}, "ttl_s": 600})
