@@ -667,11 +667,33 @@ pub(crate) fn publish_properties(
     Ok((topic, Properties::parse(&mut r)?))
 }
 
+/// The topic length and variable-header length of a PUBLISH, without allocating or
+/// validating its properties (for frames from the broker, which may carry properties a
+/// client may not send).
+pub(crate) fn publish_layout(
+    flags: u8,
+    body_prefix: &[u8],
+    version: Version,
+) -> Result<(usize, usize), CodecError> {
+    let mut r = Reader::new(body_prefix);
+    let topic_len = r.binary()?.len();
+    if (flags >> 1) & 0x03 > 0 {
+        r.u16()?;
+    }
+    if version == Version::V5 {
+        let len = r.varint()?;
+        r.take(len)?;
+    }
+    Ok((topic_len, r.pos))
+}
+
 /// A parsed SUBSCRIBE.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Subscribe {
     pub(crate) pkid: u16,
     pub(crate) filters: Vec<String>,
+    /// The maximum QoS requested for each filter, in the same order.
+    pub(crate) qos: Vec<u8>,
 }
 
 /// Parses a SUBSCRIBE body.
@@ -685,6 +707,7 @@ pub(crate) fn parse_subscribe(body: &[u8], version: Version) -> Result<Subscribe
         Properties::parse(&mut r)?;
     }
     let mut filters = Vec::new();
+    let mut qos = Vec::new();
     while !r.is_empty() {
         let f = r.string()?.to_owned();
         let options = r.u8()?;
@@ -696,11 +719,31 @@ pub(crate) fn parse_subscribe(body: &[u8], version: Version) -> Result<Subscribe
             return Err(CodecError::Malformed("subscription options"));
         }
         filters.push(f);
+        qos.push(options & 0x03);
     }
     if filters.is_empty() {
         return Err(CodecError::Malformed("SUBSCRIBE without filters"));
     }
-    Ok(Subscribe { pkid, filters })
+    Ok(Subscribe { pkid, filters, qos })
+}
+
+/// Parses an UNSUBSCRIBE body into its topic filters.
+pub(crate) fn parse_unsubscribe(body: &[u8], version: Version) -> Result<Vec<String>, CodecError> {
+    let mut r = Reader::new(body);
+    if r.u16()? == 0 {
+        return Err(CodecError::Malformed("packet id 0"));
+    }
+    if version == Version::V5 {
+        Properties::parse(&mut r)?;
+    }
+    let mut filters = Vec::new();
+    while !r.is_empty() {
+        filters.push(r.string()?.to_owned());
+    }
+    if filters.is_empty() {
+        return Err(CodecError::Malformed("UNSUBSCRIBE without filters"));
+    }
+    Ok(filters)
 }
 
 /// A SUBACK with one return/reason code per filter.
@@ -864,11 +907,42 @@ mod tests {
     }
 
     #[test]
+    fn publish_layout_sizes() {
+        // v4 QoS1 "a/b" pkid 7 payload "x"
+        let body = [0, 3, b'a', b'/', b'b', 0, 7, b'x'];
+        assert_eq!(publish_layout(0b0010, &body, Version::V4), Ok((3, 7)));
+        // v5 QoS0 "t" with a subscription identifier property (2 bytes), payload "x"
+        let body = [0, 1, b't', 2, prop::SUBSCRIPTION_ID, 5, b'x'];
+        assert_eq!(publish_layout(0, &body, Version::V5), Ok((1, 6)));
+        assert_eq!(
+            publish_layout(0, &[0, 9, b'a'], Version::V4),
+            Err(CodecError::Truncated)
+        );
+    }
+
+    #[test]
+    fn unsubscribe_parse() {
+        let body = [0, 5, 0, 3, b'a', b'/', b'#', 0, 1, b'b'];
+        assert_eq!(
+            parse_unsubscribe(&body, Version::V4),
+            Ok(vec!["a/#".to_string(), "b".to_string()])
+        );
+        let body = [0, 5, 0, 0, 1, b'b'];
+        assert_eq!(
+            parse_unsubscribe(&body, Version::V5),
+            Ok(vec!["b".to_string()])
+        );
+        assert!(parse_unsubscribe(&[0, 5], Version::V4).is_err());
+        assert!(parse_unsubscribe(&[0, 0, 0, 1, b'b'], Version::V4).is_err());
+    }
+
+    #[test]
     fn subscribe_parse() {
         let body = [0, 1, 0, 3, b'a', b'/', b'#', 1, 0, 1, b'b', 0];
         let s = parse_subscribe(&body, Version::V4).unwrap();
         assert_eq!(s.pkid, 1);
         assert_eq!(s.filters, vec!["a/#".to_string(), "b".to_string()]);
+        assert_eq!(s.qos.len(), 2);
         let body = [0, 1, 0, 0, 1, b'b', 0];
         let s = parse_subscribe(&body, Version::V5).unwrap();
         assert_eq!(s.filters, vec!["b".to_string()]);

@@ -87,6 +87,7 @@ pub mod acl;
 mod codec;
 mod credentials;
 mod error;
+mod flow;
 mod internal;
 pub mod link;
 mod metrics;
@@ -310,6 +311,12 @@ impl Broker {
             auth,
             admission: Arc::new(Semaphore::new(limits.max_connections)),
             refusals: Arc::new(Semaphore::new(proxy::POLITE_REFUSALS)),
+            flow: flow::Flow::new(
+                defences.qos1_flow_control,
+                (limits.segment_bytes * limits.segment_count) as u64,
+                flow::MAX_WAIT,
+                metrics.clone(),
+            ),
             defences,
             sessions: Default::default(),
             shutdown: shutdown_rx.clone(),

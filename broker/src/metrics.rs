@@ -84,6 +84,12 @@ metrics! {
     /// Proxied connections that re-arm TCP_QUICKACK because their internal listener
     /// lacks TCP_NODELAY (the fallback mechanism).
     upstream_quickack_connections,
+    /// Times a QoS ≥ 1 publisher was held because a QoS ≥ 1 subscriber of its topic
+    /// was more than half a commit log behind (see `flow`).
+    qos1_flow_waits,
+    /// Held publishers released after `flow::MAX_WAIT` because the subscriber did not
+    /// drain (its count is reset; rumqttd may then drop data for it).
+    qos1_flow_resyncs,
 }
 
 impl Metrics {

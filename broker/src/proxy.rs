@@ -35,6 +35,7 @@ use tracing::{debug, info, warn};
 use crate::acl;
 use crate::codec::{self, CodecError, Connect, FixedHeader, Version, prop};
 use crate::credentials::CredentialStore;
+use crate::flow::{self, Flow, Subscriber};
 use crate::internal::{Endpoints, InternalAuth};
 use crate::metrics::Metrics;
 use crate::nodelay;
@@ -80,6 +81,8 @@ pub(crate) struct Defences {
     pub(crate) listener_nodelay: bool,
     /// Use the TCP_QUICKACK fallback where the listener lacks TCP_NODELAY.
     pub(crate) upstream_quickack: bool,
+    /// Hold QoS ≥ 1 publishers while a QoS ≥ 1 subscriber is far behind (see `flow`).
+    pub(crate) qos1_flow_control: bool,
 }
 
 impl Default for Defences {
@@ -89,6 +92,7 @@ impl Default for Defences {
             refuse_server_aliases: true,
             listener_nodelay: true,
             upstream_quickack: true,
+            qos1_flow_control: true,
         }
     }
 }
@@ -108,6 +112,8 @@ pub(crate) struct ProxyShared {
     pub(crate) defences: Defences,
     pub(crate) sessions: Sessions,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// QoS 1 flow control between publishers and slow subscribers.
+    pub(crate) flow: Flow,
 }
 
 /// Why a connection ended abnormally.
@@ -727,6 +733,8 @@ async fn connection(
 
     // 4. Relay.
     let (inject_tx, inject_rx) = mpsc::channel(INJECT_DEPTH);
+    let flow = sh.flow.connection();
+    let meter = flow.meter();
     let mut session = Session {
         principal: admitted.principal,
         version,
@@ -735,10 +743,11 @@ async fn connection(
         alias_bytes: 0,
         denial_logged: false,
         inject: inject_tx,
+        flow,
     };
     let (result, taken_over) = tokio::select! {
         r = session.client_to_broker(&mut client, &mut uw) => (r, false),
-        r = broker_to_client(&mut up, &mut cw, inject_rx, sh, version) => (r, false),
+        r = broker_to_client(&mut up, &mut cw, inject_rx, sh, version, &meter) => (r, false),
         _ = takeover.superseded() => (Ok(()), true),
     };
     drop(session);
@@ -796,6 +805,8 @@ struct Session<'a> {
     alias_bytes: usize,
     denial_logged: bool,
     inject: mpsc::Sender<Inject>,
+    /// This connection's QoS 1 flow-control state.
+    flow: flow::Conn<'a>,
 }
 
 impl Session<'_> {
@@ -868,6 +879,7 @@ impl Session<'_> {
             match h.kind() {
                 codec::PUBLISH => self.publish(h, client, uw).await?,
                 codec::SUBSCRIBE => self.subscribe(h, client, uw).await?,
+                codec::UNSUBSCRIBE => self.unsubscribe(h, client, uw).await?,
                 codec::CONNECT => return Err(ConnError::Protocol("second CONNECT")),
                 codec::AUTH => {
                     return Err(ConnError::Protocol("AUTH without an authentication method"));
@@ -930,9 +942,22 @@ impl Session<'_> {
                     return Err(ConnError::AliasQuota);
                 }
                 self.alias_bytes = bytes;
-                self.aliases[usize::from(a)] = Some(topic);
+                self.aliases[usize::from(a)] = Some(topic.clone());
             }
-            return client.forward(h.frame_len(), uw).await;
+            // Charge QoS ≥ 1 messages to slow subscribers before rumqttd can deliver them.
+            let behind = if ph.qos > 0 {
+                self.flow.charge(&topic, flow::cost(topic.len(), payload))
+            } else {
+                Vec::new()
+            };
+            client.forward(h.frame_len(), uw).await?;
+            if !behind.is_empty() {
+                // Let rumqttd have what is buffered, then stop reading from this client
+                // until the subscribers caught up (TCP pushes back on the publisher).
+                uw.flush().await?;
+                self.flow.wait(behind).await;
+            }
+            return Ok(());
         }
         Metrics::inc(&self.sh.metrics.acl_denied_publish);
         client.skip(h.frame_len()).await?;
@@ -985,6 +1010,7 @@ impl Session<'_> {
             .iter()
             .any(|f| f.starts_with('$') && !f.starts_with("$share/"));
         if denied.is_empty() && !unsupported {
+            self.flow.subscribed(&sub.filters, &sub.qos);
             return client.forward(h.frame_len(), uw).await;
         }
         let code = if denied.is_empty() {
@@ -1005,6 +1031,26 @@ impl Session<'_> {
         client.skip(h.frame_len()).await?;
         self.inject(codec::encode_suback(sub.pkid, &codes, self.version))
             .await
+    }
+
+    async fn unsubscribe<R, W>(
+        &mut self,
+        h: FixedHeader,
+        client: &mut FrameReader<R>,
+        uw: &mut W,
+    ) -> Result<(), ConnError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if h.remaining > SUBSCRIBE_CAP {
+            return Err(ConnError::FrameTooLarge(h.remaining));
+        }
+        client.ensure(h.frame_len()).await?;
+        let filters =
+            codec::parse_unsubscribe(&client.buf[h.header_len..h.frame_len()], self.version)?;
+        self.flow.unsubscribed(&filters);
+        client.forward(h.frame_len(), uw).await
     }
 
     async fn inject(&self, frame: BytesMut) -> Result<(), ConnError> {
@@ -1034,12 +1080,14 @@ async fn broker_to_client<R, W>(
     mut inject: mpsc::Receiver<Inject>,
     sh: &ProxyShared,
     version: Version,
+    meter: &Subscriber,
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let m = &sh.metrics;
+    let low = sh.flow.low();
     loop {
         // The proxy's own frames go out between broker frames, never inside one.
         while let Ok(i) = inject.try_recv() {
@@ -1092,6 +1140,19 @@ where
                 tracing::error!(%topic, "rumqttd sent a server topic alias; closing the connection");
                 return Err(ConnError::ServerAlias);
             }
+        }
+        if h.kind() == codec::PUBLISH && (h.flags() >> 1) & 0x03 > 0 && meter.active() {
+            let inspect = h.remaining.min(INSPECT_CAP);
+            up.ensure(h.header_len + inspect).await?;
+            let (topic_len, header_len) = codec::publish_layout(
+                h.flags(),
+                &up.buf[h.header_len..h.header_len + inspect],
+                version,
+            )?;
+            meter.delivered(
+                flow::cost(topic_len, h.remaining.saturating_sub(header_len)),
+                low,
+            );
         }
         Metrics::inc(&m.frames_out);
         Metrics::add(&m.bytes_out, h.frame_len() as u64);
