@@ -99,9 +99,11 @@ pub struct P2pConfig {
     pub listen: Vec<String>,
     /// Peers to dial at start-up; each multiaddr ends in `/p2p/<peer id>`.
     pub bootstrap: Vec<String>,
-    /// Enable the QUIC transport.
+    /// Enable the QUIC transport (`/udp/<port>/quic-v1` listen and bootstrap addresses). When
+    /// no listen address is QUIC, one is derived from each TCP one: see
+    /// [`P2pConfig::listen_addrs`].
     pub quic: bool,
-    /// Enable mDNS local peer discovery.
+    /// Enable mDNS local peer discovery (dial and add to Kademlia the peers found on the LAN).
     pub mdns: bool,
     /// Maximum established connections.
     pub max_connections: u32,
@@ -286,6 +288,35 @@ impl MqttConfig {
     }
 }
 
+impl P2pConfig {
+    /// The multiaddrs the node listens on: `listen` as written, plus, when `quic` is on and no
+    /// listen address is already `/quic-v1`, one `/ipX/<ip>/udp/<port>/quic-v1` per
+    /// `/ipX/<ip>/tcp/<port>` address with the **same IP and the same port number** (UDP and TCP
+    /// ports are separate, so `tcp/4001` gives `udp/4001/quic-v1` as usual for libp2p, and a
+    /// random `tcp/0` gives a random `udp/0`). Other addresses (`/dns`, `/memory`) derive none.
+    pub fn listen_addrs(&self) -> Vec<String> {
+        let mut out = self.listen.clone();
+        if !self.quic || self.listen.iter().any(|a| is_quic(a)) {
+            return out;
+        }
+        for a in &self.listen {
+            let parts: Vec<&str> = a.trim_end_matches('/').split('/').collect();
+            if let ["", ip @ ("ip4" | "ip6"), host, "tcp", port] = parts.as_slice() {
+                let derived = format!("/{ip}/{host}/udp/{port}/quic-v1");
+                if !out.contains(&derived) {
+                    out.push(derived);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Whether a multiaddr uses the QUIC transport (`.../udp/<port>/quic-v1`).
+pub fn is_quic(multiaddr: &str) -> bool {
+    multiaddr.split('/').any(|p| p == "quic-v1")
+}
+
 impl HttpConfig {
     /// The HTTP listener, if enabled.
     pub fn listen_addr(&self) -> Option<SocketAddr> {
@@ -428,6 +459,63 @@ mod tests {
         c.routing.threshold = 0.45;
         let back = Config::from_toml_str(&c.to_toml_string()).expect("round trip");
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn quic_listen_addresses_are_derived_from_tcp_ones() {
+        let mut p = P2pConfig {
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/4001".into(),
+                "/ip6/::/tcp/0".into(),
+                "/dns4/x.example/tcp/5".into(),
+                "/memory/7".into(),
+            ],
+            ..P2pConfig::default()
+        };
+        assert_eq!(p.listen_addrs(), p.listen, "quic off: as written");
+        p.quic = true;
+        assert_eq!(
+            p.listen_addrs(),
+            [
+                "/ip4/0.0.0.0/tcp/4001",
+                "/ip6/::/tcp/0",
+                "/dns4/x.example/tcp/5",
+                "/memory/7",
+                "/ip4/0.0.0.0/udp/4001/quic-v1",
+                "/ip6/::/udp/0/quic-v1",
+            ]
+        );
+        // An explicit QUIC address: nothing derived, QUIC-only works.
+        p.listen = vec![
+            "/ip4/127.0.0.1/tcp/1".into(),
+            "/ip4/127.0.0.1/udp/9/quic-v1".into(),
+        ];
+        assert_eq!(p.listen_addrs(), p.listen);
+        p.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".into()];
+        assert_eq!(p.listen_addrs(), p.listen);
+    }
+
+    #[test]
+    fn quic_addresses_need_quic_on() {
+        let mut c = Config::default();
+        c.p2p.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".into()];
+        let e = c.validate().expect_err("quic off").to_string();
+        assert!(e.contains("p2p.listen[0]") && e.contains("p2p.quic"), "{e}");
+        c.p2p.quic = true;
+        c.validate().expect("quic on");
+        c.p2p.quic = false;
+        c.p2p.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
+        c.p2p.bootstrap = vec![
+            "/ip4/127.0.0.1/udp/4001/quic-v1/p2p/12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
+                .into(),
+        ];
+        let e = c.validate().expect_err("quic off").to_string();
+        assert!(
+            e.contains("p2p.bootstrap[0]") && e.contains("p2p.quic"),
+            "{e}"
+        );
+        c.p2p.quic = true;
+        c.validate().expect("quic on");
     }
 
     #[test]

@@ -49,17 +49,29 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
     at_least("mqtt.connect_timeout_ms", m.connect_timeout_ms, 1)?;
 
     let p = &c.p2p;
+    let needs_quic = |key: String, value: &str| ConfigError::Multiaddr {
+        key,
+        value: value.into(),
+        reason: "a /quic-v1 address needs p2p.quic = true".into(),
+    };
     for (i, a) in p.listen.iter().enumerate() {
-        multiaddr(&format!("p2p.listen[{i}]"), a)?;
+        let key = format!("p2p.listen[{i}]");
+        if multiaddr(&key, a)?.contains(&"quic-v1") && !p.quic {
+            return Err(needs_quic(key, a));
+        }
     }
     for (i, a) in p.bootstrap.iter().enumerate() {
         let key = format!("p2p.bootstrap[{i}]");
-        if multiaddr(&key, a)?.last() != Some(&"p2p") {
+        let protocols = multiaddr(&key, a)?;
+        if protocols.last() != Some(&"p2p") {
             return Err(ConfigError::Multiaddr {
                 key,
                 value: a.clone(),
                 reason: "a bootstrap address must end in /p2p/<peer id>".into(),
             });
+        }
+        if protocols.contains(&"quic-v1") && !p.quic {
+            return Err(needs_quic(key, a));
         }
     }
     at_least("p2p.max_connections", p.max_connections.into(), 1)?;

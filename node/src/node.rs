@@ -108,15 +108,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         None => None,
     };
 
-    if cfg.p2p.quic {
-        tracing::warn!("p2p.quic = true: this build has no QUIC transport; using TCP only");
-    }
-    if cfg.p2p.mdns {
-        tracing::warn!("p2p.mdns = true: mDNS discovery is not built in; use p2p.bootstrap");
-    }
-    let swarm = p2p::tcp_swarm(&key, &cfg).context("starting libp2p")?;
-    let (p2p, p2p_events) =
-        p2p::start(swarm, &cfg.p2p.listen, &cfg.p2p.bootstrap, metrics.clone())?;
+    let swarm = p2p::swarm(&key, &cfg).context("starting libp2p")?;
+    let (p2p, p2p_events) = p2p::start(
+        swarm,
+        &cfg.p2p.listen_addrs(),
+        &cfg.p2p.bootstrap,
+        metrics.clone(),
+    )?;
     let mut node = Node::new(
         cfg,
         key,
@@ -602,6 +600,11 @@ impl Node {
             version: now,
             issued_at_ms: now,
             expires_at_ms: now.saturating_add(req.ttl_s.saturating_mul(1000)),
+            example_vectors: api::example_vectors(
+                self.embedder.as_ref(),
+                &req.examples,
+                &capability,
+            ),
             description: req.description,
             examples: req.examples,
             capability,

@@ -2,8 +2,9 @@
 //! through two bounded channels ([`Command`] in, [`Event`] out). Only this module (and the node
 //! shell) knows libp2p.
 //!
-//! * Transport: TCP + noise + yamux (`/memory/N` for in-process tests). Identity = the node key,
-//!   so a peer's `PeerId` is its `NodeId`.
+//! * Transport: TCP + noise + yamux, plus QUIC (`/udp/<port>/quic-v1`, TLS 1.3 built in) when
+//!   `p2p.quic` is on (`/memory/N` for in-process tests). Identity = the node key, so a peer's
+//!   `PeerId` is its `NodeId`.
 //! * Gossipsub on [`REGISTRY_TOPIC`] (Advertise/Withdraw) and [`HEARTBEAT_TOPIC`] (Heartbeat):
 //!   `ValidationMode::Strict`, manual validation (the node reports Accept/Reject/Ignore for every
 //!   message), **message id = `blake3(data)`** (32 bytes; part of the protocol: identical payloads
@@ -13,6 +14,8 @@
 //! * Kademlia in server mode; only identified peers that list the Kademlia protocol are added.
 //! * Identify with pushed listen-address updates; ping; connection limits.
 //! * Bootstrap peers are redialled with backoff whenever they are not connected.
+//! * mDNS (`p2p.mdns`): peers found on the LAN are added to Kademlia and dialled, at most
+//!   [`MAX_MDNS_PEERS`] of them at a time ([`MdnsPeers`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -26,10 +29,12 @@ use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::gossipsub::{self, MessageAcceptance, MessageId};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, connection_limits, identify, identity,
-    kad, noise, ping, tcp, yamux,
+    kad, mdns, noise, ping, tcp, yamux,
 };
 use tokio::sync::mpsc;
 
@@ -53,6 +58,11 @@ const MAX_OPEN_REQUESTS: usize = 1024;
 const MAX_REDIAL: Duration = Duration::from_secs(10);
 /// How often Kademlia bootstraps (discovers peers beyond the bootstrap nodes).
 const KAD_BOOTSTRAP_EVERY: Duration = Duration::from_secs(30);
+/// Most peers found by mDNS that are acted on (dialled, added to Kademlia) at a time; more are
+/// ignored (counted as `queue_dropped{kind="mdns_peers"}`) until one expires.
+pub const MAX_MDNS_PEERS: usize = 64;
+/// Most addresses kept per peer found by mDNS.
+pub const MAX_MDNS_ADDRS: usize = 4;
 
 /// From the node to the swarm.
 #[derive(Debug)]
@@ -172,6 +182,15 @@ pub struct Behaviour {
     ping: ping::Behaviour,
     request_response: request_response::Behaviour<EnvelopeCodec>,
     connection_limits: connection_limits::Behaviour,
+    /// mDNS discovery, when `p2p.mdns` is on.
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+impl Behaviour {
+    /// Whether mDNS discovery runs.
+    pub fn mdns_enabled(&self) -> bool {
+        self.mdns.is_enabled()
+    }
 }
 
 /// The libp2p `PeerId` of a node.
@@ -225,14 +244,17 @@ pub fn verdict(a: fedmesh_protocol::Acceptance) -> MessageAcceptance {
 /// `fedmesh bench gossip` to count redundant deliveries; `None` in the node.
 pub(crate) type GossipObserver = Arc<dyn Fn(&gossipsub::Message) + Send + Sync>;
 
-fn behaviour(key: &identity::Keypair, cfg: &Config) -> anyhow::Result<Behaviour> {
-    behaviour_observed(key, cfg, None)
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn behaviour(key: &identity::Keypair, cfg: &Config) -> Result<Behaviour, BoxError> {
+    behaviour_observed(key, cfg, None, cfg.p2p.mdns).map_err(Into::into)
 }
 
 fn behaviour_observed(
     key: &identity::Keypair,
     cfg: &Config,
     observe: Option<GossipObserver>,
+    with_mdns: bool,
 ) -> anyhow::Result<Behaviour> {
     let p = &cfg.p2p;
     let gcfg = gossipsub::ConfigBuilder::default()
@@ -304,6 +326,13 @@ fn behaviour_observed(
         .with_max_established_per_peer(Some(p.max_connections_per_peer.max(1)))
         .with_max_pending_incoming(Some(p.max_connections))
         .with_max_pending_outgoing(Some(p.max_connections));
+    let mdns = if with_mdns {
+        let m = mdns::tokio::Behaviour::new(mdns::Config::default(), pid)
+            .context("p2p.mdns = true: starting mDNS")?;
+        Toggle::from(Some(m))
+    } else {
+        Toggle::from(None)
+    };
     Ok(Behaviour {
         gossipsub,
         kad,
@@ -311,25 +340,37 @@ fn behaviour_observed(
         ping: ping::Behaviour::default(),
         request_response,
         connection_limits: connection_limits::Behaviour::new(limits),
+        mdns,
     })
 }
 
-/// A TCP swarm.
-pub fn tcp_swarm(key: &NodeKey, cfg: &Config) -> anyhow::Result<Swarm<Behaviour>> {
+/// The node's swarm: TCP (NODELAY) + noise + yamux, plus QUIC when `p2p.quic` is on, and mDNS
+/// when `p2p.mdns` is on.
+pub fn swarm(key: &NodeKey, cfg: &Config) -> anyhow::Result<Swarm<Behaviour>> {
     let kp = keypair(key)?;
-    Ok(SwarmBuilder::with_existing_identity(kp)
+    let tcp_phase = SwarmBuilder::with_existing_identity(kp)
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
             noise::Config::new,
             yamux::Config::default,
-        )?
-        .with_behaviour(|k| {
-            behaviour(k, cfg).map_err(Into::<Box<dyn std::error::Error + Send + Sync>>::into)
-        })
-        .map_err(|e| anyhow::anyhow!("building the behaviour: {e}"))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
-        .build())
+        )?;
+    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(120));
+    let built = if cfg.p2p.quic {
+        tcp_phase
+            .with_quic()
+            .with_behaviour(|k| behaviour(k, cfg))
+            .map_err(|e| anyhow::anyhow!("building the behaviour: {e}"))?
+            .with_swarm_config(idle)
+            .build()
+    } else {
+        tcp_phase
+            .with_behaviour(|k| behaviour(k, cfg))
+            .map_err(|e| anyhow::anyhow!("building the behaviour: {e}"))?
+            .with_swarm_config(idle)
+            .build()
+    };
+    Ok(built)
 }
 
 /// An in-process swarm on `/memory/N` addresses (tests).
@@ -356,15 +397,16 @@ pub(crate) fn memory_swarm_observed(
                 .multiplex(yamux::Config::default()))
         })?
         .with_behaviour(|k| {
-            behaviour_observed(k, cfg, observe)
-                .map_err(Into::<Box<dyn std::error::Error + Send + Sync>>::into)
+            behaviour_observed(k, cfg, observe, false).map_err(Into::<BoxError>::into)
         })
         .map_err(|e| anyhow::anyhow!("building the behaviour: {e}"))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
         .build())
 }
 
-/// Starts listening and dialling, spawns the swarm task.
+/// Starts listening and dialling, spawns the swarm task. `listen` is
+/// [`fedmesh_config::P2pConfig::listen_addrs`] in the node; peers found by mDNS are dialled on
+/// their QUIC addresses only if one of `listen` is QUIC (the swarm then has the transport).
 pub fn start(
     mut swarm: Swarm<Behaviour>,
     listen: &[String],
@@ -378,6 +420,10 @@ pub fn start(
         swarm
             .listen_on(addr)
             .with_context(|| format!("p2p.listen[{i}] = {a:?}"))?;
+    }
+    let quic = listen.iter().any(|a| fedmesh_config::is_quic(a));
+    if swarm.behaviour().mdns_enabled() {
+        tracing::info!(quic, "mDNS discovery on");
     }
     let mut boot = Vec::new();
     for (i, a) in bootstrap.iter().enumerate() {
@@ -411,6 +457,8 @@ pub fn start(
         outbound: HashMap::new(),
         connected: HashSet::new(),
         last_kad_bootstrap: None,
+        mdns: MdnsPeers::default(),
+        quic,
     };
     tokio::spawn(task.run(cmd_rx));
     Ok((
@@ -442,6 +490,99 @@ struct SwarmTask {
     outbound: HashMap<OutboundRequestId, u64>,
     connected: HashSet<PeerId>,
     last_kad_bootstrap: Option<Instant>,
+    mdns: MdnsPeers,
+    quic: bool,
+}
+
+/// The peers found by mDNS that the swarm acts on: at most [`MAX_MDNS_PEERS`] peers with at
+/// most [`MAX_MDNS_ADDRS`] usable addresses each (a LAN full of nodes, or a spoofer answering
+/// with many peer ids, cannot make the node dial without bound). A peer leaves when all its
+/// addresses expire.
+#[derive(Debug, Default)]
+pub struct MdnsPeers {
+    known: HashMap<PeerId, Vec<Multiaddr>>,
+}
+
+/// What to do after an mDNS discovery.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct MdnsActions {
+    /// Peers with addresses new to us: add these to Kademlia and dial the peer (with all its
+    /// known addresses) unless it is connected.
+    pub dial: Vec<(PeerId, Vec<Multiaddr>)>,
+    /// Peers ignored because [`MAX_MDNS_PEERS`] are already tracked.
+    pub ignored: usize,
+}
+
+impl MdnsPeers {
+    /// Handles `mdns::Event::Discovered`: skips our own id and addresses this swarm cannot dial
+    /// (only `/ip4|ip6/../tcp/..`, and `/udp/../quic-v1` when `quic`).
+    pub fn discovered(
+        &mut self,
+        local: &PeerId,
+        found: Vec<(PeerId, Multiaddr)>,
+        quic: bool,
+    ) -> MdnsActions {
+        let mut out = MdnsActions::default();
+        let mut new: Vec<(PeerId, Vec<Multiaddr>)> = Vec::new();
+        let mut ignored = HashSet::new();
+        for (peer, addr) in found {
+            if peer == *local || !dialable(&addr, quic) {
+                continue;
+            }
+            if !self.known.contains_key(&peer) {
+                if self.known.len() >= MAX_MDNS_PEERS {
+                    ignored.insert(peer);
+                    continue;
+                }
+                self.known.insert(peer, Vec::new());
+            }
+            let Some(addrs) = self.known.get_mut(&peer) else {
+                continue;
+            };
+            if addrs.contains(&addr) || addrs.len() >= MAX_MDNS_ADDRS {
+                continue;
+            }
+            addrs.push(addr.clone());
+            match new.iter_mut().find(|(p, _)| *p == peer) {
+                Some((_, a)) => a.push(addr),
+                None => new.push((peer, vec![addr])),
+            }
+        }
+        out.dial = new;
+        out.ignored = ignored.len();
+        out
+    }
+
+    /// Handles `mdns::Event::Expired`.
+    pub fn expired(&mut self, gone: Vec<(PeerId, Multiaddr)>) {
+        for (peer, addr) in gone {
+            if let Some(addrs) = self.known.get_mut(&peer) {
+                addrs.retain(|a| *a != addr);
+                if addrs.is_empty() {
+                    self.known.remove(&peer);
+                }
+            }
+        }
+    }
+
+    /// The known addresses of a peer.
+    pub fn addresses(&self, peer: &PeerId) -> &[Multiaddr] {
+        self.known.get(peer).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Whether this swarm's transports can dial `addr`: `/ip4|ip6/<ip>/tcp/<port>[/p2p/..]`, or
+/// `/ip4|ip6/<ip>/udp/<port>/quic-v1[/p2p/..]` when `quic`.
+fn dialable(addr: &Multiaddr, quic: bool) -> bool {
+    let mut it = addr.iter();
+    if !matches!(it.next(), Some(Protocol::Ip4(_) | Protocol::Ip6(_))) {
+        return false;
+    }
+    match (it.next(), it.next()) {
+        (Some(Protocol::Tcp(_)), None | Some(Protocol::P2p(_))) => true,
+        (Some(Protocol::Udp(_)), Some(Protocol::QuicV1)) => quic,
+        _ => false,
+    }
 }
 
 impl SwarmTask {
@@ -621,6 +762,35 @@ impl SwarmTask {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::RequestResponse(ev)) => self.rr_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                let local = *self.swarm.local_peer_id();
+                let acts = self.mdns.discovered(&local, found, self.quic);
+                if acts.ignored > 0 {
+                    self.metrics
+                        .queue_dropped
+                        .get_or_create(&Kind::of("mdns_peers"))
+                        .inc_by(acts.ignored as u64);
+                }
+                for (peer, addrs) in acts.dial {
+                    tracing::debug!(%peer, ?addrs, "found by mDNS");
+                    for a in addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer, a);
+                    }
+                    if self.connected.contains(&peer) {
+                        continue;
+                    }
+                    let opts = DialOpts::peer_id(peer)
+                        .addresses(self.mdns.addresses(&peer).to_vec())
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        tracing::debug!(%peer, error = %e, "dialling an mDNS peer failed");
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(gone))) => {
+                self.mdns.expired(gone);
+            }
             _ => {}
         }
     }
@@ -851,12 +1021,87 @@ mod tests {
         }
     }
 
+    fn metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::new(
+            &mut prometheus_client::registry::Registry::default(),
+        ))
+    }
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    /// Node 1 publishes a signed advertisement until node 2 receives it, then node 2 sends node
+    /// 1 a signed task by request-response and gets two frames back.
+    async fn advert_and_task_cross(
+        (k1, h1, e1): (&NodeKey, &Handle, &mut mpsc::Receiver<Event>),
+        (k2, h2, e2): (&NodeKey, &Handle, &mut mpsc::Receiver<Event>),
+    ) {
+        let p1 = peer_id(&k1.node_id()).expect("pid");
+        let p2 = peer_id(&k2.node_id()).expect("pid");
+        next(e1, |e| matches!(e, Event::Connected(p) if *p == p2)).await;
+        next(e2, |e| matches!(e, Event::Connected(p) if *p == p1)).await;
+
+        // Gossip: publish (new versions: gossipsub drops identical payloads) until node 2 has
+        // subscribed and receives one.
+        let mut got = None;
+        for v in 1u64..=50 {
+            let vcv = sample::vcv(k1, "shouter", v, now());
+            let env = fedmesh_protocol::seal(k1, now(), &Message::Advertise(vcv)).expect("seal");
+            h1.send(Command::Publish {
+                topic: REGISTRY_TOPIC,
+                data: env,
+            });
+            if let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(200), e2.recv()).await
+                && let Event::Gossip {
+                    source, from, data, ..
+                } = &ev
+            {
+                assert_eq!(*source, Some(p1));
+                assert_eq!(*from, p1);
+                let env = check_gossip(data, source.as_ref(), now()).expect("a valid advert");
+                assert!(matches!(env.message, Message::Advertise(_)));
+                got = Some(ev);
+                break;
+            }
+        }
+        assert!(got.is_some(), "gossip never arrived");
+
+        // Request-response: a signed task.
+        let task = fedmesh_protocol::seal(k2, now(), &Message::Task(sample::task(k2, "r1", now())))
+            .expect("seal");
+        h2.send(Command::Request {
+            peer: p1,
+            data: task.clone(),
+            tag: 7,
+        });
+        let Event::Request { id, data, peer } =
+            next(e1, |e| matches!(e, Event::Request { .. })).await
+        else {
+            unreachable!()
+        };
+        assert_eq!((&data, peer), (&task, p2));
+        let env = fedmesh_protocol::open(&data, now()).expect("the task opens");
+        assert!(matches!(env.message, Message::Task(_)));
+        h1.send(Command::Respond {
+            id,
+            frames: vec![b"a".to_vec(), b"bc".to_vec()],
+        });
+        let ev = next(e2, |e| matches!(e, Event::Response { .. })).await;
+        let Event::Response { tag, result } = ev else {
+            unreachable!()
+        };
+        assert_eq!(tag, 7);
+        assert_eq!(result, Ok(vec![b"a".to_vec(), b"bc".to_vec()]));
+    }
+
     #[tokio::test]
     async fn two_swarms_gossip_and_answer_requests_over_memory() {
         let cfg = Config::default();
-        let metrics = Arc::new(Metrics::new(
-            &mut prometheus_client::registry::Registry::default(),
-        ));
+        let metrics = metrics();
         let (k1, k2) = (sample::key(11), sample::key(12));
         let port = 1_000_000 + u64::from(rand::random::<u32>());
         let a1 = format!("/memory/{port}");
@@ -875,50 +1120,183 @@ mod tests {
             metrics,
         )
         .expect("start 2");
-        let p1 = peer_id(&k1.node_id()).expect("pid");
-        let p2 = peer_id(&k2.node_id()).expect("pid");
-        next(&mut e1, |e| matches!(e, Event::Connected(p) if *p == p2)).await;
-        next(&mut e2, |e| matches!(e, Event::Connected(p) if *p == p1)).await;
+        advert_and_task_cross((&k1, &h1, &mut e1), (&k2, &h2, &mut e2)).await;
+    }
 
-        // Gossip: publish until node 2 has subscribed and receives it.
-        let mut got = None;
-        for i in 0u8..50 {
-            h1.send(Command::Publish {
-                topic: REGISTRY_TOPIC,
-                data: vec![i; 8],
-            });
-            if let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(200), e2.recv()).await
-                && let Event::Gossip { source, from, .. } = &ev
-            {
-                assert_eq!(*source, Some(p1));
-                assert_eq!(*from, p1);
-                got = Some(ev);
-                break;
+    /// The listen addresses `/status` would show, once there are `n`.
+    async fn listening(h: &Handle, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let l = h
+                .info
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .listen
+                .clone();
+            if l.len() >= n {
+                return l;
             }
+            assert!(Instant::now() < deadline, "not listening: {l:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(got.is_some(), "gossip never arrived");
+    }
 
-        // Request-response.
-        h2.send(Command::Request {
-            peer: p1,
-            data: b"hello".to_vec(),
-            tag: 7,
-        });
-        let Event::Request { id, data, peer } =
-            next(&mut e1, |e| matches!(e, Event::Request { .. })).await
-        else {
-            unreachable!()
-        };
-        assert_eq!((data.as_slice(), peer), (&b"hello"[..], p2));
-        h1.send(Command::Respond {
-            id,
-            frames: vec![b"a".to_vec(), b"bc".to_vec()],
-        });
-        let ev = next(&mut e2, |e| matches!(e, Event::Response { .. })).await;
-        let Event::Response { tag, result } = ev else {
-            unreachable!()
-        };
-        assert_eq!(tag, 7);
-        assert_eq!(result, Ok(vec![b"a".to_vec(), b"bc".to_vec()]));
+    #[tokio::test]
+    async fn two_swarms_connect_over_quic_only_on_loopback() {
+        let mut cfg = Config::default();
+        cfg.p2p.quic = true;
+        cfg.p2p.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".into()];
+        cfg.validate().expect("a valid QUIC-only config");
+        let listen = cfg.p2p.listen_addrs();
+        assert_eq!(listen, cfg.p2p.listen, "nothing derived: QUIC only");
+        let metrics = metrics();
+        let (k1, k2) = (sample::key(21), sample::key(22));
+        let (h1, mut e1) = start(
+            swarm(&k1, &cfg).expect("swarm"),
+            &listen,
+            &[],
+            metrics.clone(),
+        )
+        .expect("start 1");
+        let l1 = listening(&h1, 1).await;
+        assert_eq!(l1.len(), 1, "{l1:?}");
+        let boot = l1[0].clone();
+        assert!(
+            boot.starts_with("/ip4/127.0.0.1/udp/") && boot.contains("/quic-v1/p2p/"),
+            "{boot}"
+        );
+        let (h2, mut e2) =
+            start(swarm(&k2, &cfg).expect("swarm"), &listen, &[boot], metrics).expect("start 2");
+        advert_and_task_cross((&k1, &h1, &mut e1), (&k2, &h2, &mut e2)).await;
+    }
+
+    #[tokio::test]
+    async fn without_quic_a_quic_address_cannot_be_listened_on() {
+        // The same QUIC-only start on a TCP-only swarm fails: the test above depends on the QUIC
+        // transport being in the swarm.
+        let cfg = Config::default();
+        let r = start(
+            swarm(&sample::key(23), &cfg).expect("swarm"),
+            &["/ip4/127.0.0.1/udp/0/quic-v1".into()],
+            &[],
+            metrics(),
+        );
+        assert!(r.is_err());
+    }
+
+    #[tokio::test]
+    async fn quic_on_listens_on_tcp_and_a_derived_quic_address() {
+        let mut cfg = Config::default();
+        cfg.p2p.quic = true;
+        let (h, _e) = start(
+            swarm(&sample::key(24), &cfg).expect("swarm"),
+            &cfg.p2p.listen_addrs(),
+            &[],
+            metrics(),
+        )
+        .expect("start");
+        let l = listening(&h, 2).await;
+        assert!(
+            l.iter().any(|a| a.starts_with("/ip4/127.0.0.1/tcp/")),
+            "{l:?}"
+        );
+        assert!(
+            l.iter()
+                .any(|a| a.starts_with("/ip4/127.0.0.1/udp/") && a.contains("/quic-v1/")),
+            "{l:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn mdns_behaviour_is_enabled_only_when_configured() {
+        // Built, never polled: no multicast leaves the host in tests.
+        let mut cfg = Config::default();
+        assert!(
+            !swarm(&sample::key(25), &cfg)
+                .expect("swarm")
+                .behaviour()
+                .mdns_enabled()
+        );
+        cfg.p2p.mdns = true;
+        assert!(
+            swarm(&sample::key(25), &cfg)
+                .expect("swarm")
+                .behaviour()
+                .mdns_enabled()
+        );
+    }
+
+    fn pid(seed: u8) -> PeerId {
+        peer_id(&sample::key(seed).node_id()).expect("pid")
+    }
+
+    fn ma(s: &str) -> Multiaddr {
+        s.parse().expect("multiaddr")
+    }
+
+    #[test]
+    fn mdns_discoveries_are_filtered_and_deduplicated() {
+        let mut m = MdnsPeers::default();
+        let (me, a, b) = (pid(1), pid(2), pid(3));
+        let found = vec![
+            (me, ma("/ip4/192.168.1.2/tcp/4001")),
+            (a, ma("/ip4/192.168.1.3/tcp/4001")),
+            (a, ma("/ip4/192.168.1.3/udp/4001/quic-v1")),
+            (a, ma("/dns4/x.example/tcp/4001")),
+            (a, ma("/memory/5")),
+            (b, ma(&format!("/ip6/fe80::1/tcp/4001/p2p/{b}"))),
+        ];
+        let acts = m.discovered(&me, found.clone(), false);
+        assert_eq!(
+            acts.dial,
+            vec![
+                (a, vec![ma("/ip4/192.168.1.3/tcp/4001")]),
+                (b, vec![ma(&format!("/ip6/fe80::1/tcp/4001/p2p/{b}"))]),
+            ]
+        );
+        assert_eq!(acts.ignored, 0);
+        // The same answer again: nothing new to do.
+        assert_eq!(
+            m.discovered(&me, found.clone(), false),
+            MdnsActions::default()
+        );
+        // With QUIC, the QUIC address is new.
+        let acts = m.discovered(&me, found, true);
+        assert_eq!(
+            acts.dial,
+            vec![(a, vec![ma("/ip4/192.168.1.3/udp/4001/quic-v1")])]
+        );
+        assert_eq!(m.addresses(&a).len(), 2);
+        assert!(m.addresses(&me).is_empty());
+    }
+
+    #[test]
+    fn mdns_peers_and_addresses_are_bounded_and_expire() {
+        let mut m = MdnsPeers::default();
+        let me = pid(0);
+        let many: Vec<_> = (1..=u8::try_from(MAX_MDNS_PEERS + 10).expect("small"))
+            .map(|i| (pid(i), ma(&format!("/ip4/10.0.0.{i}/tcp/4001"))))
+            .collect();
+        let acts = m.discovered(&me, many.clone(), false);
+        assert_eq!(acts.dial.len(), MAX_MDNS_PEERS);
+        assert_eq!(acts.ignored, 10);
+        // One peer announcing many addresses keeps MAX_MDNS_ADDRS.
+        let first = many[0].0;
+        let addrs: Vec<_> = (1..20)
+            .map(|p| (first, ma(&format!("/ip4/10.0.1.1/tcp/{p}"))))
+            .collect();
+        let acts = m.discovered(&me, addrs, false);
+        assert_eq!(acts.dial.len(), 1);
+        assert_eq!(m.addresses(&first).len(), MAX_MDNS_ADDRS);
+        // A tracked peer expiring frees a slot for an ignored one.
+        let second = many[1].clone();
+        m.expired(vec![second.clone()]);
+        assert!(m.addresses(&second.0).is_empty());
+        let late = many[MAX_MDNS_PEERS].clone();
+        let acts = m.discovered(&me, vec![late.clone()], false);
+        assert_eq!(acts.dial, vec![(late.0, vec![late.1])]);
+        assert_eq!(acts.ignored, 0);
+        let acts = m.discovered(&me, vec![many[MAX_MDNS_PEERS + 1].clone()], false);
+        assert_eq!((acts.dial.len(), acts.ignored), (0, 1));
     }
 }
