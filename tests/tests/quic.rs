@@ -1,0 +1,145 @@
+//! Federation over QUIC only: two real `fedmesh run` processes on 127.0.0.1 with
+//! `p2p.quic = true` and nothing but a `/udp/<port>/quic-v1` listen address. The agent on C
+//! serves a task submitted at A (advertisement by gossip, offer and result by request-response,
+//! all over QUIC).
+
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+use fedmesh_tests::TestNode;
+use fedmesh_tests::mqtt::{advert, connect};
+use serde_json::json;
+
+/// A free loopback UDP port (bound then released).
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free udp port")
+}
+
+fn quic_env(port: u16, bootstrap: Option<&str>) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("FEDMESH_P2P__QUIC".to_string(), "true".to_string()),
+        (
+            "FEDMESH_P2P__LISTEN".to_string(),
+            format!("/ip4/127.0.0.1/udp/{port}/quic-v1"),
+        ),
+        ("FEDMESH_P2P__SYNC_INTERVAL_S".to_string(), "2".to_string()),
+    ];
+    if let Some(b) = bootstrap {
+        env.push(("FEDMESH_P2P__BOOTSTRAP".to_string(), b.to_string()));
+    }
+    env
+}
+
+fn wait_for(
+    what: &str,
+    timeout: Duration,
+    node: &TestNode,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        if let Ok(s) = node.status()
+            && pred(&s)
+        {
+            return s;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{what}: not within {timeout:?}; status: {:?}",
+            node.status().ok()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn has_remote_agent(s: &serde_json::Value, name: &str) -> bool {
+    s["agents"].as_array().is_some_and(|a| {
+        a.iter().any(|x| {
+            x["local"] == false
+                && x["id"]
+                    .as_str()
+                    .is_some_and(|i| i.starts_with(&format!("{name}@")))
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_route_a_task_over_quic_only() {
+    let (pa, pc) = (free_udp_port(), free_udp_port());
+    let a = TestNode::start_with(quic_env(pa, None)).expect("node A");
+    let s = wait_for("A listens", Duration::from_secs(10), &a, |s| {
+        !strings(&s["p2p"]["listen"]).is_empty()
+    });
+    let listen = strings(&s["p2p"]["listen"]);
+    assert!(
+        listen
+            .iter()
+            .all(|l| l.starts_with(&format!("/ip4/127.0.0.1/udp/{pa}/quic-v1/p2p/"))),
+        "A listens on QUIC only: {listen:?}"
+    );
+    let boot = listen[0].clone();
+    let c = TestNode::start_with(quic_env(pc, Some(&boot))).expect("node C");
+    wait_for("A and C connect", Duration::from_secs(20), &a, |s| {
+        !strings(&s["p2p"]["peers"]).is_empty()
+    });
+    assert!(
+        a.log().contains("quic-v1"),
+        "A logs a QUIC connection:\n{}",
+        a.log()
+    );
+
+    let mut w = connect(c.mqtt_v4, "worker", &["fedmesh/v1/agent/worker/inbox"])
+        .await
+        .expect("agent");
+    w.send(
+        "fedmesh/v1/agent/worker/advertise",
+        advert("Doubles numbers", 4),
+    )
+    .await
+    .expect("advertise");
+    w.expect("advertised").await.expect("ack");
+    wait_for("A learns C's agent", Duration::from_secs(20), &a, |s| {
+        has_remote_agent(s, "worker")
+    });
+
+    let mut req = connect(a.mqtt_v4, "req", &["fedmesh/v1/client/req/inbox"])
+        .await
+        .expect("requester");
+    req.send(
+        "fedmesh/v1/client/req/submit",
+        json!({"request_id": "q1", "description": "double", "input": "21", "deadline_ms": 120000}),
+    )
+    .await
+    .expect("submit");
+    req.expect("accepted").await.expect("accepted");
+    let task = w
+        .expect_within("task", Duration::from_secs(15))
+        .await
+        .expect("task reaches the agent on C over QUIC");
+    assert_eq!(task["input"], "21", "{task}");
+    w.send(
+        "fedmesh/v1/agent/worker/result",
+        json!({"task_id": task["task_id"], "output": "42"}),
+    )
+    .await
+    .expect("result");
+    let r = req
+        .expect_within("result", Duration::from_secs(15))
+        .await
+        .expect("result returns to A over QUIC");
+    assert_eq!(r["output"], "42", "{r}");
+    assert_eq!(r["request_id"], "q1");
+}
