@@ -25,18 +25,25 @@
 //! "checkpoint deleted" (publish checkpoints elsewhere for that); and anything done by an attacker
 //! who holds the node key, who can re-sign a rewritten log.
 //!
-//! The CLI ([`run_verify`], [`run_tail`]) opens the Db directly. sled 0.34 takes an exclusive
-//! `flock` on `<db>/db` with a non-blocking try-lock, so while the node runs a second open fails at
-//! once with `Error::Io(kind Other, "could not acquire lock on ...")`: these commands need the node
-//! stopped, and say so.
+//! The CLI ([`run_verify`], [`run_tail`]) opens the Db directly when the node is stopped. sled
+//! 0.34 takes an exclusive `flock` on `<db>/db` with a non-blocking try-lock, so while the node
+//! runs a second open fails at once with `Error::Io(kind Other, "could not acquire lock on ...")`.
+//! Then the CLI asks the running node instead, over its localhost HTTP server (`GET /audit`,
+//! `GET /audit/verify`, served from the [`AuditView`] of the node's open log; see `http.rs`).
 
 use std::fmt;
 use std::io::Write;
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use fedmesh_protocol::keys::hex;
 use fedmesh_protocol::{NodeId, NodeKey};
+
+use crate::http::clip;
 
 const ENTRIES: &str = "audit";
 const CHECKPOINTS: &str = "audit_checkpoints";
@@ -46,6 +53,8 @@ const VERSION: u8 = 1;
 /// At most this many problems are listed; the rest are counted in [`VerifyReport::omitted`].
 pub const MAX_PROBLEMS: usize = 100;
 const GENESIS: [u8; 32] = [0; 32];
+/// The most entries one read returns: one `GET /audit` page, one step of `tail`.
+pub const MAX_PAGE: usize = 1000;
 
 /// Why an audit operation failed (as opposed to a problem found by [`AuditLog::verify`]).
 #[derive(Debug)]
@@ -201,16 +210,27 @@ impl VerifyReport {
     pub fn ok(&self) -> bool {
         self.problems.is_empty()
     }
+
+    /// The report as `GET /audit/verify` sends it; `report` is the text `audit verify` prints.
+    pub fn to_json(&self) -> serde_json::Value {
+        let problems: Vec<String> = self.problems.iter().map(ToString::to_string).collect();
+        serde_json::json!({
+            "ok": self.ok(), "entries": self.entries, "checkpoints": self.checkpoints,
+            "pinned_through": self.pinned_through, "problems": problems, "omitted": self.omitted,
+            "report": self.to_string().trim_end(),
+        })
+    }
 }
 
 impl fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (e, c, p) = (self.entries, self.checkpoints, self.pinned_through);
         if self.ok() {
-            return write!(
-                f,
-                "audit log OK: {e} entries, {c} checkpoints; entries 1..={p} pinned by a signed checkpoint"
-            );
+            write!(f, "audit log OK: {e} entries, {c} checkpoints; ")?;
+            return match p {
+                0 => f.write_str("no entry pinned by a signed checkpoint yet"),
+                p => write!(f, "entries 1..={p} pinned by a signed checkpoint"),
+            };
         }
         let n = self.problems.len() as u64 + self.omitted;
         writeln!(
@@ -228,6 +248,48 @@ impl fmt::Display for VerifyReport {
     }
 }
 
+/// A read-only view of the log an [`AuditLog`] appends to, for the node's HTTP endpoints: it
+/// reads the same Db while the node runs (a second process cannot open it).
+#[derive(Debug)]
+pub struct AuditView {
+    db: sled::Db,
+    node: NodeId,
+    /// The last entry appended by the log's writer.
+    last: AtomicU64,
+}
+
+/// The view of the most recently opened [`AuditLog`] of this process, while that log lives.
+/// `http::serve` takes it when the node starts its HTTP server (the node opens its log first),
+/// so the node's wiring stays the one `serve(addr, shared)` call. One node runs per process.
+static LIVE: Mutex<Weak<AuditView>> = Mutex::new(Weak::new());
+
+/// The view of the audit log this process opened last (empty when none is open).
+pub fn live_view() -> Weak<AuditView> {
+    LIVE.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+impl AuditView {
+    /// [`AuditLog::after`] on the live log.
+    pub fn after(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, AuditError> {
+        AuditLog::after(&self.db, after, limit)
+    }
+
+    /// [`AuditLog::tail`] on the live log.
+    pub fn tail(&self, n: usize) -> Result<Vec<AuditEntry>, AuditError> {
+        AuditLog::tail(&self.db, n)
+    }
+
+    /// [`AuditLog::verify`] with the node's own key, of the entries appended before the call:
+    /// entries and checkpoints the node adds meanwhile are left out, so that a checkpoint of a
+    /// newer entry is not taken for a truncated log.
+    pub fn verify(&self) -> Result<VerifyReport, AuditError> {
+        let through = self.last.load(Ordering::Acquire);
+        AuditLog::verify_through(&self.db, &self.node, through)
+    }
+}
+
 /// The append handle of the audit log. One per Db (appends refuse to overwrite).
 pub struct AuditLog {
     entries: sled::Tree,
@@ -236,6 +298,7 @@ pub struct AuditLog {
     seq: u64,
     head: [u8; 32],
     checkpointed: u64,
+    view: Arc<AuditView>,
 }
 
 impl fmt::Debug for AuditLog {
@@ -272,6 +335,14 @@ impl AuditLog {
             .last()?
             .and_then(|(k, _)| key_seq(&k))
             .unwrap_or(0);
+        let view = Arc::new(AuditView {
+            db: db.clone(),
+            node: key.node_id(),
+            last: AtomicU64::new(seq),
+        });
+        *LIVE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::downgrade(&view);
         let key = SigningKey::from_bytes(&key.secret_bytes());
         Ok(Self {
             entries,
@@ -280,6 +351,7 @@ impl AuditLog {
             seq,
             head,
             checkpointed,
+            view,
         })
     }
 
@@ -300,6 +372,7 @@ impl AuditLog {
             .map_err(|_| AuditError::Conflict { seq })?;
         self.seq = seq;
         self.head = hash;
+        self.view.last.store(seq, Ordering::Release);
         Ok(seq)
     }
 
@@ -323,6 +396,12 @@ impl AuditLog {
         Ok(())
     }
 
+    /// The read-only view of this log.
+    #[cfg(test)]
+    pub fn view(&self) -> Arc<AuditView> {
+        self.view.clone()
+    }
+
     /// Number of entries (the seq of the last one).
     pub fn len(&self) -> u64 {
         self.seq
@@ -336,18 +415,36 @@ impl AuditLog {
     /// Checks the whole log against `node`'s public key, streaming both trees in seq order.
     /// Read-only (does not even create the trees). See the module docs for what it cannot detect.
     pub fn verify(db: &sled::Db, node: &NodeId) -> Result<VerifyReport, AuditError> {
+        Self::verify_through(db, node, u64::MAX)
+    }
+
+    /// [`AuditLog::verify`] of the entries and checkpoints up to seq `through`; later ones (a
+    /// running node's appends during the check) are skipped.
+    fn verify_through(
+        db: &sled::Db,
+        node: &NodeId,
+        through: u64,
+    ) -> Result<VerifyReport, AuditError> {
         let vk = VerifyingKey::from_bytes(node.as_bytes()).map_err(|_| AuditError::BadNodeId)?;
+        let later = |k: &[u8]| key_seq(k).is_some_and(|seq| seq > through);
         let entries = existing_tree(db, ENTRIES)?.map(|t| t.iter());
         let checkpoints = existing_tree(db, CHECKPOINTS)?.map(|t| t.iter());
         let mut v = Verifier {
             vk,
             report: VerifyReport::default(),
         };
-        let mut cps = checkpoints.into_iter().flatten().peekable();
+        let mut cps = checkpoints
+            .into_iter()
+            .flatten()
+            .filter(|item| !matches!(item, Ok((k, _)) if later(k)))
+            .peekable();
         let mut expected = 1u64; // the seq the next entry should have
         let mut last: Option<Link> = None; // the previous entry, if in place and intact
         for item in entries.into_iter().flatten() {
             let (k, value) = item?;
+            if later(&k) {
+                continue;
+            }
             let Some(seq) = key_seq(&k).filter(|&seq| seq > 0) else {
                 v.push(AuditProblem::ForeignKey { key: hex(&k) });
                 continue;
@@ -733,9 +830,8 @@ impl fmt::Display for DbLocked {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "the database {} is locked by another process, most likely the running fedmesh node. \
-             sled lets only one process open a database, and `fedmesh audit` reads it directly: \
-             stop the node and run the command again",
+            "the database {} is locked by another process, most likely the running fedmesh node \
+             (sled lets only one process open a database)",
             self.0
         )
     }
@@ -766,58 +862,320 @@ fn open_db(data_dir: &Path) -> anyhow::Result<sled::Db> {
     })
 }
 
-/// `fedmesh audit verify`: prints the report; returns whether the log verified. Needs the node
-/// stopped (see the module docs).
-pub fn run_verify(data_dir: &Path, node: &NodeId) -> anyhow::Result<bool> {
-    let db = open_db(data_dir)?;
-    let report = AuditLog::verify(&db, node)?;
-    println!("{}", report.to_string().trim_end());
-    Ok(report.ok())
+/// `--follow` polls this often while entries keep coming ...
+const MIN_POLL: Duration = Duration::from_millis(200);
+/// ... and backs off to this while none do.
+const MAX_POLL: Duration = Duration::from_secs(1);
+/// How long `--follow` retries a node that stopped answering before it gives up.
+const GONE_GRACE: Duration = Duration::from_secs(5);
+/// Timeout of one `GET /audit`.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Timeout of `GET /audit/verify` (the node reads its whole log).
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(600);
+/// The largest HTTP answer the CLI reads.
+const MAX_ANSWER_BYTES: usize = 64 << 20;
+
+/// Where `fedmesh audit` reads the log: the Db directly while the node is stopped, else the
+/// running node over its HTTP server.
+#[derive(Debug, Clone)]
+pub struct Place {
+    /// The node's data directory (the Db is `data_dir/db`).
+    pub data_dir: PathBuf,
+    /// The running node's HTTP address: `--http`, else the config's `http.listen`.
+    pub http: Option<SocketAddr>,
+    /// `--http` was given: ask the node, never open the Db.
+    pub http_only: bool,
 }
 
-/// `fedmesh audit tail`: prints the last `n` entries as JSON lines. With `follow`, polls every
-/// 500 ms for new ones, reopening the Db each time and holding it only for the read. While the
-/// node runs the Db is locked, so it says so once and waits. Caveat: sled's lock is try-only, so
-/// a node started during one of those short reads fails to open its Db. For a live view of a
-/// running node, serve [`AuditLog::after`] from the node's own API instead.
-pub fn run_tail(data_dir: &Path, n: usize, follow: bool) -> anyhow::Result<()> {
-    let db = open_db(data_dir)?;
-    let mut last = AuditLog::tail(&db, 1)?.first().map_or(0, |e| e.seq);
-    if !print_entries(&AuditLog::tail(&db, n)?)? || !follow {
-        return Ok(());
-    }
-    drop(db);
-    let mut waiting = false;
-    loop {
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        let db = match open_db(data_dir) {
-            Ok(db) => db,
-            Err(e) if e.is::<DbLocked>() => {
-                if !waiting {
-                    eprintln!("{e}; waiting for it to be released (Ctrl-C to stop)");
-                    waiting = true;
-                }
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        waiting = false;
-        loop {
-            let batch = AuditLog::after(&db, last, 1000)?;
-            let Some(end) = batch.last() else { break };
-            last = end.seq;
-            if !print_entries(&batch)? {
-                return Ok(());
-            }
+/// An open source of entries.
+enum Source {
+    /// The Db, held for a read and released between the polls of `--follow`.
+    Db(Option<sled::Db>),
+    /// The running node at this address.
+    Http(SocketAddr),
+}
+
+/// Why one read failed.
+enum ReadError {
+    /// The Db is locked by the running node.
+    Locked(anyhow::Error),
+    /// The node did not answer (stopped or restarting).
+    Gone(anyhow::Error),
+    /// Anything else.
+    Failed(anyhow::Error),
+}
+
+impl ReadError {
+    fn into_inner(self) -> anyhow::Error {
+        match self {
+            Self::Locked(e) | Self::Gone(e) | Self::Failed(e) => e,
         }
     }
 }
 
-/// Prints entries as JSON lines; `false` when stdout was closed (e.g. piped into `head`).
-fn print_entries(entries: &[AuditEntry]) -> anyhow::Result<bool> {
+impl Place {
+    /// The node's HTTP server when `--http` was given or the Db is locked, else the Db.
+    fn open(&self) -> anyhow::Result<Source> {
+        match self.http {
+            Some(addr) if self.http_only => return Ok(Source::Http(addr)),
+            _ => {}
+        }
+        match open_db(&self.data_dir) {
+            Ok(db) => Ok(Source::Db(Some(db))),
+            Err(e) if e.is::<DbLocked>() => match self.http {
+                Some(addr) => Ok(Source::Http(addr)),
+                None => Err(anyhow::anyhow!(
+                    "{e}, and its HTTP server is off (http.listen is empty), so it cannot be asked \
+                     instead: enable http.listen, pass --http ADDR, or stop the node"
+                )),
+            },
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Source {
+    fn db(&mut self, place: &Place) -> Result<Option<&sled::Db>, ReadError> {
+        let Self::Db(slot) = self else {
+            return Ok(None);
+        };
+        Ok(Some(match slot {
+            Some(db) => db,
+            None => slot.insert(open_db(&place.data_dir).map_err(|e| {
+                if e.is::<DbLocked>() {
+                    ReadError::Locked(e)
+                } else {
+                    ReadError::Failed(e)
+                }
+            })?),
+        }))
+    }
+
+    /// Lets the node open the Db between polls.
+    fn release(&mut self) {
+        if let Self::Db(slot) = self {
+            *slot = None;
+        }
+    }
+
+    /// At most `limit` entries after `after` as (seq, JSON line), oldest first.
+    async fn after(
+        &mut self,
+        place: &Place,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String)>, ReadError> {
+        match self.db(place)? {
+            Some(db) => Ok(lines(AuditLog::after(db, after, limit))?),
+            None => {
+                self.ask(&format!("/audit?after={after}&limit={limit}"))
+                    .await
+            }
+        }
+    }
+
+    /// The seq of the last entry (0 for an empty log).
+    async fn last_seq(&mut self, place: &Place) -> Result<u64, ReadError> {
+        let last = match self.db(place)? {
+            Some(db) => lines(AuditLog::tail(db, 1))?,
+            None => self.ask("/audit?tail=1").await?,
+        };
+        Ok(last.last().map_or(0, |(seq, _)| *seq))
+    }
+
+    /// `GET path` from the node: its JSON lines.
+    async fn ask(&self, path: &str) -> Result<Vec<(u64, String)>, ReadError> {
+        let Self::Http(addr) = self else {
+            return Err(ReadError::Failed(anyhow::anyhow!("not a node address")));
+        };
+        let body = ask_node(*addr, path, READ_TIMEOUT).await?;
+        let text = String::from_utf8(body).map_err(|_| {
+            ReadError::Failed(anyhow::anyhow!(
+                "the node at {addr} sent non-UTF-8 JSON lines"
+            ))
+        })?;
+        text.lines()
+            .filter(|l| !l.is_empty())
+            .map(|line| {
+                let seq = serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v["seq"].as_u64());
+                let seq = seq.ok_or_else(|| {
+                    ReadError::Failed(anyhow::anyhow!(
+                        "the node at {addr} sent a line that is not an audit entry: {}",
+                        clip(line, 200)
+                    ))
+                })?;
+                Ok((seq, line.to_string()))
+            })
+            .collect()
+    }
+}
+
+/// Entries as (seq, JSON line), the form both sources print.
+fn lines(read: Result<Vec<AuditEntry>, AuditError>) -> Result<Vec<(u64, String)>, ReadError> {
+    let entries = read.map_err(|e| ReadError::Failed(e.into()))?;
+    Ok(entries
+        .iter()
+        .map(|e| (e.seq, e.to_json().to_string()))
+        .collect())
+}
+
+/// `GET path` from the node at `addr`: the body of a 200 answer.
+async fn ask_node(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Vec<u8>, ReadError> {
+    let (status, body) = crate::http::fetch(addr, path, timeout, MAX_ANSWER_BYTES)
+        .await
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                ReadError::Failed(anyhow::anyhow!("bad answer from {addr}: {e}"))
+            } else {
+                ReadError::Gone(anyhow::anyhow!("no fedmesh node answers at {addr} ({e})"))
+            }
+        })?;
+    if status == 200 {
+        return Ok(body);
+    }
+    let text = String::from_utf8_lossy(&body);
+    let reason = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| clip(text.trim(), 200).to_string());
+    Err(ReadError::Failed(anyhow::anyhow!(
+        "the node at {addr} answered {status} to GET {path}: {reason}"
+    )))
+}
+
+/// `fedmesh audit verify`: prints the report; returns whether the log verified. With the node
+/// stopped it reads the Db and checks checkpoints against `node()` (the key file's id); with the
+/// node running, the node checks its own log and sends the report.
+pub async fn run_verify(
+    place: &Place,
+    node: impl FnOnce() -> anyhow::Result<NodeId>,
+) -> anyhow::Result<bool> {
+    let mut source = place.open()?;
+    if let Some(db) = source.db(place).map_err(ReadError::into_inner)? {
+        let report = AuditLog::verify(db, &node()?)?;
+        println!("{}", report.to_string().trim_end());
+        return Ok(report.ok());
+    }
+    let Source::Http(addr) = source else {
+        anyhow::bail!("no audit log to verify");
+    };
+    let body = ask_node(addr, "/audit/verify", VERIFY_TIMEOUT)
+        .await
+        .map_err(ReadError::into_inner)?;
+    let answer: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| anyhow::anyhow!("the node at {addr} sent a bad verify report: {e}"))?;
+    let (Some(ok), Some(report)) = (answer["ok"].as_bool(), answer["report"].as_str()) else {
+        anyhow::bail!("the node at {addr} sent a verify report without `ok` and `report`");
+    };
+    eprintln!("(checked by the running node at {addr})");
+    println!("{}", report.trim_end());
+    Ok(ok)
+}
+
+/// `fedmesh audit tail`: prints the last `n` entries as JSON lines, then with `follow` new ones
+/// as they come, until Ctrl-C (or SIGTERM), which ends it with success.
+///
+/// It reads the Db while the node is stopped, and the node's `GET /audit` while it runs (or with
+/// `--http`). Following the Db, it reopens it for each poll, holding it only for the read; when
+/// the node starts (the Db is locked) it follows the node over HTTP. Caveat: sled's lock is
+/// try-only, so a node started during one of those short reads fails to open its Db. Following
+/// the node, when it stops answering it retries for [`GONE_GRACE`], then says so and fails.
+/// Polls come every [`MIN_POLL`] while entries come, backing off to [`MAX_POLL`].
+pub async fn run_tail(place: &Place, n: usize, follow: bool) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut source = place.open()?;
+    let head = source
+        .last_seq(place)
+        .await
+        .map_err(ReadError::into_inner)?;
+    let mut last = head.saturating_sub(n as u64);
+    let mut delay = Duration::ZERO;
+    let mut gone_since: Option<Instant> = None;
+    let mut waiting = false;
+    loop {
+        let step = async {
+            tokio::time::sleep(delay).await;
+            source.after(place, last, MAX_PAGE).await
+        };
+        let read = tokio::select! {
+            _ = interrupt.recv() => return Ok(()),
+            _ = terminate.recv() => return Ok(()),
+            read = step => read,
+        };
+        match read {
+            Ok(page) => {
+                if gone_since.take().is_some() {
+                    eprintln!("the node answers again");
+                }
+                waiting = false;
+                if let Some((seq, _)) = page.last() {
+                    last = *seq;
+                }
+                if !print_lines(&page)? {
+                    return Ok(());
+                }
+                if page.len() >= MAX_PAGE {
+                    delay = Duration::ZERO;
+                    continue;
+                }
+                if !follow {
+                    return Ok(());
+                }
+                source.release();
+                delay = if page.is_empty() {
+                    (delay * 2).clamp(MIN_POLL, MAX_POLL)
+                } else {
+                    MIN_POLL
+                };
+            }
+            Err(ReadError::Locked(e)) => {
+                source.release();
+                if let Some(addr) = place.http {
+                    let mut node = Source::Http(addr);
+                    if node.after(place, last, 1).await.is_ok() {
+                        eprintln!("the node started; following it at http://{addr}");
+                        source = node;
+                        delay = Duration::ZERO;
+                        continue;
+                    }
+                }
+                if !waiting {
+                    eprintln!(
+                        "{e}; waiting for it to be released or for the node's HTTP server \
+                         (Ctrl-C to stop)"
+                    );
+                    waiting = true;
+                }
+                delay = MAX_POLL;
+            }
+            Err(ReadError::Gone(e)) if follow => {
+                let since = *gone_since.get_or_insert_with(|| {
+                    eprintln!("{e}: the node went away; retrying for {GONE_GRACE:?}");
+                    Instant::now()
+                });
+                if since.elapsed() >= GONE_GRACE {
+                    anyhow::bail!(
+                        "the node went away: {e}. Followed the audit log up to entry {last}; \
+                         run the command again when the node is back (with the node stopped, \
+                         it reads the database directly)"
+                    );
+                }
+                delay = (delay * 2).clamp(MIN_POLL, MAX_POLL);
+            }
+            Err(e) => return Err(e.into_inner()),
+        }
+    }
+}
+
+/// Prints JSON lines; `false` when stdout was closed (e.g. piped into `head`).
+fn print_lines(lines: &[(u64, String)]) -> anyhow::Result<bool> {
     let mut out = std::io::stdout().lock();
-    for entry in entries {
-        match writeln!(out, "{}", entry.to_json()).and_then(|()| out.flush()) {
+    for (_, line) in lines {
+        match writeln!(out, "{line}").and_then(|()| out.flush()) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(false),
             Err(e) => return Err(e.into()),
@@ -1106,23 +1464,103 @@ mod tests {
         );
     }
 
-    #[test]
-    fn cli_opens_only_an_existing_unlocked_db() {
+    #[tokio::test]
+    async fn cli_opens_only_an_existing_unlocked_db() {
         let (dir, db) = log_with(2, &[2]);
         // sled holds an exclusive flock on <db>/db: a second open (even in-process) fails at once.
         let err = sled::open(dir.path().join("db")).unwrap_err();
         assert!(is_lock_error(&err), "{err:?}");
-        let err = run_verify(dir.path(), &key().node_id()).unwrap_err();
+        let mut place = Place {
+            data_dir: dir.path().to_path_buf(),
+            http: None,
+            http_only: false,
+        };
+        let node = || Ok(key().node_id());
+        // Locked, and no HTTP server to ask instead.
+        let err = run_verify(&place, node).await.unwrap_err().to_string();
         assert!(
-            err.is::<DbLocked>() && err.to_string().contains("stop the node"),
+            err.contains("is locked") && err.contains("http.listen is empty"),
             "{err}"
         );
         drop(db);
-        assert!(run_verify(dir.path(), &key().node_id()).unwrap());
-        run_tail(dir.path(), 5, false).unwrap();
+        assert!(run_verify(&place, node).await.unwrap());
+        run_tail(&place, 5, false).await.unwrap();
+        // --http never opens the Db: nothing listens here.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        place.http = Some(closed.local_addr().unwrap());
+        place.http_only = true;
+        drop(closed);
+        let err = run_tail(&place, 5, false).await.unwrap_err().to_string();
+        assert!(err.contains("no fedmesh node answers at"), "{err}");
         let missing = tempfile::tempdir().unwrap();
-        let err = run_verify(missing.path(), &key().node_id()).unwrap_err();
+        let place = Place {
+            data_dir: missing.path().to_path_buf(),
+            http: None,
+            http_only: false,
+        };
+        let err = run_verify(&place, node).await.unwrap_err();
         assert!(err.to_string().contains("no fedmesh database"), "{err}");
         assert!(!missing.path().join("db").exists());
+    }
+
+    #[test]
+    fn live_view_reads_and_verifies_what_was_appended_before_the_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let mut log = AuditLog::open(&db, key()).unwrap();
+        for i in 1..=5 {
+            log.append("task", &format!("t{i}"), json!({}), i).unwrap();
+        }
+        let view = log.view();
+        assert_eq!(view.tail(2).unwrap()[0].seq, 4);
+        assert_eq!(view.after(1, 2).unwrap().len(), 2);
+        log.checkpoint(10).unwrap();
+        let report = view.verify().unwrap();
+        assert_eq!(
+            (report.ok(), report.entries, report.pinned_through),
+            (true, 5, 5)
+        );
+        // A check that started at entry 3 and sees entries 4..=5 gone but their checkpoint
+        // (what a check racing the node's appends could see) leaves both out: no truncation.
+        for seq in 4..=5u64 {
+            entries(&db).remove(seq.to_be_bytes()).unwrap();
+        }
+        view.last.store(3, Ordering::Release);
+        let report = view.verify().unwrap();
+        assert_eq!(
+            (report.ok(), report.entries, report.checkpoints),
+            (true, 3, 0)
+        );
+        assert!(matches!(
+            problems(&db)[..],
+            [AuditProblem::Truncated {
+                last_seq: 3,
+                checkpoint_seq: 5
+            }]
+        ));
+        // The view lives as long as the log.
+        let weak = Arc::downgrade(&view);
+        drop((view, log));
+        assert!(weak.upgrade().is_none());
+    }
+
+    #[test]
+    fn verify_report_json_carries_the_printed_text() {
+        let (_dir, db) = log_with(3, &[]);
+        entries(&db).remove(2u64.to_be_bytes()).unwrap();
+        let report = AuditLog::verify(&db, &key().node_id()).unwrap();
+        let json = report.to_json();
+        assert_eq!(json["ok"], false);
+        assert_eq!(
+            json["problems"][0],
+            "entry 2 was removed (gap after entry 1)"
+        );
+        assert_eq!(json["report"], report.to_string().trim_end());
+        let (_dir, db) = log_with(1, &[]);
+        let ok = AuditLog::verify(&db, &key().node_id()).unwrap();
+        assert_eq!(
+            ok.to_string(),
+            "audit log OK: 1 entries, 0 checkpoints; no entry pinned by a signed checkpoint yet"
+        );
     }
 }

@@ -75,7 +75,7 @@ enum Command {
         #[command(subcommand)]
         command: TaskCommand,
     },
-    /// Inspect the tamper-evident audit log (stop the node first: sled locks its database).
+    /// Inspect the tamper-evident audit log (of a running node through its HTTP server).
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
@@ -192,25 +192,35 @@ enum TaskCommand {
     },
 }
 
+/// Where `fedmesh audit` finds the log.
+#[derive(clap::Args, Debug)]
+struct AuditPlace {
+    /// Data directory (overrides node.data_dir); read directly while the node is stopped.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Ask the running node at this HTTP address, never the database (default: the node is
+    /// asked at the config's http.listen when it holds the database).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<std::net::SocketAddr>,
+}
+
 #[derive(Subcommand, Debug)]
 enum AuditCommand {
     /// Verify the hash chain and signed checkpoints; names any changed, removed or reordered entry.
     Verify {
-        /// Data directory (overrides node.data_dir).
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        place: AuditPlace,
     },
     /// Print the last entries as JSON lines.
     Tail {
         /// How many.
         #[arg(short, default_value_t = 20)]
         n: usize,
-        /// Keep printing new entries.
-        #[arg(long)]
+        /// Keep printing new entries (Ctrl-C to stop).
+        #[arg(long, short)]
         follow: bool,
-        /// Data directory (overrides node.data_dir).
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        place: AuditPlace,
     },
 }
 
@@ -421,11 +431,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Audit { command } => {
             let cfg = load_config(cli.config.as_deref())?;
-            let data_dir = |d: Option<PathBuf>| d.unwrap_or_else(|| cfg.data_dir());
+            let place = |p: &AuditPlace| audit::Place {
+                data_dir: p.data_dir.clone().unwrap_or_else(|| cfg.data_dir()),
+                http: p
+                    .http
+                    .or_else(|| cfg.http.listen_addr().filter(|a| a.port() != 0)),
+                http_only: p.http.is_some(),
+            };
             match command {
-                AuditCommand::Verify { data_dir: d } => {
-                    let key = keyfile::load(&resolve_key_path(&cfg, d.as_deref()))?;
-                    let ok = audit::run_verify(&data_dir(d), &key.node_id())?;
+                AuditCommand::Verify { place: p } => {
+                    let node = || {
+                        let key = keyfile::load(&resolve_key_path(&cfg, p.data_dir.as_deref()))?;
+                        Ok(key.node_id())
+                    };
+                    let ok = runtime()?.block_on(audit::run_verify(&place(&p), node))?;
                     Ok(if ok {
                         ExitCode::SUCCESS
                     } else {
@@ -435,9 +454,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 AuditCommand::Tail {
                     n,
                     follow,
-                    data_dir: d,
+                    place: p,
                 } => {
-                    audit::run_tail(&data_dir(d), n, follow)?;
+                    runtime()?.block_on(audit::run_tail(&place(&p), n, follow))?;
                     Ok(ExitCode::SUCCESS)
                 }
             }
