@@ -11,7 +11,7 @@
 //! order**, and make every [`Output::Persist`] durable before executing any output after it:
 //! that is how "each transition is persisted before it is acknowledged" holds.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -239,7 +239,7 @@ pub struct Tasks {
     tasks: BTreeMap<TaskId, TaskRecord>,
     inflight: HashMap<AgentId, u16>,
     remote_load: HashMap<AgentId, u16>,
-    live: usize,
+    census: Census,
     stats: HashMap<AgentId, AgentStats>,
     attempt_started: HashMap<TaskId, u64>,
 }
@@ -253,7 +253,7 @@ impl Tasks {
             tasks: BTreeMap::new(),
             inflight: HashMap::new(),
             remote_load: HashMap::new(),
-            live: 0,
+            census: Census::default(),
             stats: HashMap::new(),
             attempt_started: HashMap::new(),
         }
@@ -265,7 +265,6 @@ impl Tasks {
         let mut out = Vec::new();
         for r in records {
             if !r.state.is_final() {
-                self.live += 1;
                 if matches!(r.state, TaskState::Assigned | TaskState::Running)
                     && let Some(a) = &r.agent
                 {
@@ -274,7 +273,11 @@ impl Tasks {
             } else if !r.delivered {
                 out.push(finished(&r));
             }
-            self.tasks.insert(r.spec.id, r);
+            let (id, state) = (r.spec.id, r.state);
+            if let Some(old) = self.tasks.insert(id, r) {
+                self.census.leave(id, old.state);
+            }
+            self.census.enter(id, state);
         }
         out
     }
@@ -284,13 +287,30 @@ impl Tasks {
         self.tasks.get(id)
     }
 
-    /// Number of tasks per state.
+    /// Number of tasks per state (kept as the states change: O(1)).
     pub fn counts(&self) -> HashMap<TaskState, usize> {
-        let mut c = HashMap::new();
+        debug_assert!(self.census_matches(), "task census out of step");
+        TaskState::ALL
+            .iter()
+            .map(|s| (*s, self.census.by_state[*s as usize]))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    /// Whether the census agrees with a full recount (O(all tasks): debug checks and tests).
+    #[doc(hidden)]
+    pub fn census_matches(&self) -> bool {
+        let mut by_state = [0usize; TaskState::ALL.len()];
         for r in self.tasks.values() {
-            *c.entry(r.state).or_default() += 1;
+            by_state[r.state as usize] += 1;
         }
-        c
+        let live: BTreeSet<TaskId> = self
+            .tasks
+            .values()
+            .filter(|r| !r.state.is_final())
+            .map(|r| r.spec.id)
+            .collect();
+        by_state == self.census.by_state && live == self.census.live
     }
 
     /// Tasks this node assigned to `agent` and not yet finished, plus reported remote load.
@@ -327,8 +347,9 @@ impl Tasks {
         if spec.deadline_ms <= now_ms {
             return Err(SubmitError::DeadlinePassed);
         }
-        if self.live >= self.params.max_live_tasks {
-            return Err(SubmitError::Overloaded(self.live));
+        let live = self.census.live.len();
+        if live >= self.params.max_live_tasks {
+            return Err(SubmitError::Overloaded(live));
         }
         let record = TaskRecord {
             spec,
@@ -353,7 +374,7 @@ impl Tasks {
             ),
         ];
         self.tasks.insert(id, record);
-        self.live += 1;
+        self.census.enter(id, TaskState::Accepted);
         self.route(id, registry, now_ms, &mut out);
         Ok(out)
     }
@@ -378,6 +399,8 @@ impl Tasks {
         let mut out = Vec::new();
         if r.state == TaskState::Assigned {
             r.state = TaskState::Running;
+            self.census
+                .moved(task, TaskState::Assigned, TaskState::Running);
             r.updated_at_ms = now_ms;
             out.push(Output::Persist(Box::new(r.clone())));
         }
@@ -459,8 +482,10 @@ impl Tasks {
     /// has forgotten every undelivered message, so the agent may never have seen its tasks.
     /// Agents must treat a repeated `task_id` as the same task.
     pub fn redeliver(&self, agent: &AgentId) -> Vec<Output> {
-        self.tasks
-            .values()
+        self.census
+            .live
+            .iter()
+            .filter_map(|id| self.tasks.get(id))
             .filter(|r| {
                 r.agent.as_ref() == Some(agent)
                     && matches!(r.state, TaskState::Assigned | TaskState::Running)
@@ -488,11 +513,13 @@ impl Tasks {
     /// Advances time: expires tasks past their deadline, retries attempts that timed out, and
     /// routes waiting tasks. Work per call is bounded by the number of live tasks.
     pub fn tick(&mut self, registry: &Registry, now_ms: u64) -> Vec<Output> {
+        debug_assert!(self.census_matches(), "task census out of step");
         let mut out = Vec::new();
         let live: Vec<(TaskId, TaskState, u64, u64, Option<AgentId>)> = self
-            .tasks
-            .values()
-            .filter(|r| !r.state.is_final())
+            .census
+            .live
+            .iter()
+            .filter_map(|id| self.tasks.get(id))
             .map(|r| {
                 (
                     r.spec.id,
@@ -655,7 +682,9 @@ impl Tasks {
             .map(|r| r.spec.id)
             .collect();
         for id in &gone {
-            self.tasks.remove(id);
+            if let Some(r) = self.tasks.remove(id) {
+                self.census.leave(*id, r.state);
+            }
         }
         gone
     }
@@ -685,6 +714,7 @@ impl Tasks {
             self.finish(id, TaskState::Failed, Outcome::Failed(reason), now_ms, out);
             return;
         }
+        self.census.moved(id, r.state, TaskState::Routed);
         r.state = TaskState::Routed;
         r.agent = None;
         r.updated_at_ms = now_ms;
@@ -714,6 +744,8 @@ impl Tasks {
         if r.state != TaskState::Accepted {
             return;
         }
+        self.census
+            .moved(id, TaskState::Accepted, TaskState::Routed);
         r.state = TaskState::Routed;
         r.updated_at_ms = now_ms;
         out.push(Output::Persist(Box::new(r.clone())));
@@ -734,6 +766,7 @@ impl Tasks {
         };
         *self.inflight.entry(best.agent.clone()).or_default() += 1;
         self.attempt_started.insert(id, now_ms);
+        self.census.moved(id, r.state, TaskState::Assigned);
         r.state = TaskState::Assigned;
         r.agent = Some(best.agent.clone());
         r.attempts += 1;
@@ -769,10 +802,10 @@ impl Tasks {
             return;
         };
         debug_assert!(!r.state.is_final(), "finishing a final task");
+        self.census.moved(id, r.state, state);
         r.state = state;
         r.outcome = Some(outcome);
         r.updated_at_ms = now_ms;
-        self.live = self.live.saturating_sub(1);
         out.push(Output::Persist(Box::new(r.clone())));
         out.push(finished(r));
     }
@@ -780,6 +813,36 @@ impl Tasks {
     /// This engine's node.
     pub fn node(&self) -> NodeId {
         self.node
+    }
+}
+
+/// Tasks per state, and the ids of the live (non-final) ones, kept in step with every state
+/// change so that counting and ticking cost O(live tasks), not O(all tasks kept).
+#[derive(Debug, Default)]
+struct Census {
+    by_state: [usize; TaskState::ALL.len()],
+    live: BTreeSet<TaskId>,
+}
+
+impl Census {
+    fn enter(&mut self, id: TaskId, state: TaskState) {
+        self.by_state[state as usize] += 1;
+        if !state.is_final() {
+            self.live.insert(id);
+        }
+    }
+
+    fn leave(&mut self, id: TaskId, state: TaskState) {
+        let n = &mut self.by_state[state as usize];
+        *n = n.saturating_sub(1);
+        if !state.is_final() {
+            self.live.remove(&id);
+        }
+    }
+
+    fn moved(&mut self, id: TaskId, from: TaskState, to: TaskState) {
+        self.leave(id, from);
+        self.enter(id, to);
     }
 }
 

@@ -281,3 +281,71 @@ fn agents_that_fail_lose_traffic() {
     let out = t.submit(s2, requester(), &reg, NOW + 3).expect("submit 2");
     assert_eq!(delivered_to(&out), Some(second));
 }
+
+/// The per-state counts and the live set are kept incrementally (so `tick` and `counts` do
+/// not scan every task ever kept); they must agree with a full recount after every kind of
+/// transition, including restore and prune.
+#[test]
+fn census_follows_every_transition() {
+    let reg = registry(&["a", "b"]);
+    let mut t = Tasks::new(sample::key(1).node_id(), params());
+    let count = |t: &Tasks, s: TaskState| t.counts().get(&s).copied().unwrap_or(0);
+    let mut specs = Vec::new();
+    for i in 0..4 {
+        let mut s = sample::task(&sample::key(1), &format!("r{i}"), NOW);
+        s.requirement = spec().requirement;
+        t.submit(s.clone(), requester(), &reg, NOW).expect("submit");
+        assert!(t.census_matches());
+        specs.push(s);
+    }
+    assert_eq!(count(&t, TaskState::Assigned), 2, "capacity 1 each");
+    assert_eq!(count(&t, TaskState::Routed), 2);
+    let holder = |t: &Tasks, id| t.get(id).and_then(|r| r.agent.clone());
+    let a0 = holder(&t, &specs[0].id).expect("assigned");
+    t.progress(&a0, specs[0].id, 10, String::new(), NOW + 1);
+    assert_eq!(count(&t, TaskState::Running), 1);
+    t.result(&a0, specs[0].id, Outcome::Ok(vec![]), &reg, NOW + 2);
+    assert!(t.census_matches());
+    let a1 = holder(&t, &specs[1].id).expect("assigned");
+    t.result(
+        &a1,
+        specs[1].id,
+        Outcome::Failed("no".into()),
+        &reg,
+        NOW + 3,
+    );
+    assert!(t.census_matches());
+    t.tick(&reg, NOW + 4);
+    t.tick(&reg, NOW + 5000);
+    assert!(t.census_matches());
+    assert_eq!(count(&t, TaskState::Completed), 1);
+    let mut persisted = Vec::new();
+    for s in &specs {
+        t.mark_delivered(s.id);
+        persisted.push(t.get(&s.id).expect("kept").clone());
+    }
+    t.tick(&reg, specs[0].deadline_ms);
+    assert!(t.census_matches());
+    assert_eq!(
+        t.counts().values().sum::<usize>(),
+        4,
+        "every task counted once"
+    );
+    let finals: usize = [TaskState::Completed, TaskState::Failed, TaskState::Expired]
+        .iter()
+        .map(|s| count(&t, *s))
+        .sum();
+    assert_eq!(finals, 4, "everything finished by the deadline");
+    for s in &specs {
+        t.mark_delivered(s.id);
+    }
+    assert_eq!(t.prune(u64::MAX).len(), 4);
+    assert!(t.census_matches());
+    assert!(t.counts().is_empty());
+    // Restoring the same records twice counts each once.
+    let mut r = Tasks::new(sample::key(1).node_id(), params());
+    r.restore(persisted.clone());
+    r.restore(persisted);
+    assert!(r.census_matches());
+    assert_eq!(r.counts().values().sum::<usize>(), 4);
+}
