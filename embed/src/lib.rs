@@ -108,6 +108,19 @@ pub fn agent_vector(e: &dyn Embedder, description: &str, examples: &[String]) ->
     acc
 }
 
+/// The embeddings of an agent's examples taken one by one: `embed(example)` for each non-blank
+/// example, in order, at most `max` of them. A node advertises them beside [`agent_vector`] so
+/// that routing can score a task by its best-matching example as well as by the centroid (on
+/// BANKING77 that lifts top-1 from 79 % to 86 % at 32 examples, see `examples/banking77.rs`).
+pub fn example_vectors(e: &dyn Embedder, examples: &[String], max: usize) -> Vec<Vec<f32>> {
+    examples
+        .iter()
+        .filter(|t| !t.trim().is_empty())
+        .take(max)
+        .map(|t| e.embed(t))
+        .collect()
+}
+
 /// Cosine similarity of two vectors of the same space (a plain dot product when both are
 /// unit-norm, as every embedder output is). Mismatched lengths compare the common prefix.
 pub fn cosine(a: &[f32], b: &[f32]) -> f32 {

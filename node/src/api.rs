@@ -16,12 +16,15 @@ use base64::alphabet;
 use base64::engine::DecodePaddingMode;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
 use fedmesh_protocol::limits::{
-    MAX_DESCRIPTION_BYTES, MAX_DIM, MAX_EXAMPLE_BYTES, MAX_EXAMPLES, MAX_LABEL_BYTES,
-    MAX_NOTE_BYTES, MAX_PAYLOAD_BYTES, MAX_POLICIES, MAX_REDUNDANCY, MAX_SKILLS, MAX_SPACE_BYTES,
-    MAX_VCV_TTL_MS, MIN_DIM,
+    MAX_DESCRIPTION_BYTES, MAX_DIM, MAX_EXAMPLE_BYTES, MAX_EXAMPLE_VECTOR_BYTES,
+    MAX_EXAMPLE_VECTORS, MAX_EXAMPLES, MAX_LABEL_BYTES, MAX_NOTE_BYTES, MAX_PAYLOAD_BYTES,
+    MAX_POLICIES, MAX_REDUNDANCY, MAX_SKILLS, MAX_SPACE_BYTES, MAX_VCV_TTL_MS, MIN_DIM,
 };
 use fedmesh_protocol::task::{TaskEvent, TaskRecord, TaskState};
-use fedmesh_protocol::{AgentId, ContentId, Outcome, ResourceLimits, Resources, TaskId, TaskSpec};
+use fedmesh_protocol::{
+    AgentId, ContentId, Embedding, ExampleVector, Outcome, ResourceLimits, Resources, TaskId,
+    TaskSpec,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -860,6 +863,28 @@ struct TaskJson<'a> {
 
 /// JSON of plain strings, integers and sequences: serialisation cannot fail, but should it,
 /// an empty object is sent rather than panicking.
+/// The per-example vectors the node puts into an advertised VCV: `embed(example)` for each
+/// non-blank example, in order, as many as [`MAX_EXAMPLE_VECTORS`] and
+/// [`MAX_EXAMPLE_VECTOR_BYTES`] allow at the capability's dimension.
+///
+/// Empty when `capability` is not in the embedder's space and dimension (the agent sent its own
+/// vector of another model): example vectors must share the capability's space.
+pub fn example_vectors(
+    embedder: &dyn fedmesh_embed::Embedder,
+    examples: &[String],
+    capability: &Embedding,
+) -> Vec<ExampleVector> {
+    let dim = capability.dim();
+    if capability.space != embedder.space() || dim != embedder.dim() || dim == 0 {
+        return Vec::new();
+    }
+    let most = MAX_EXAMPLE_VECTORS.min(MAX_EXAMPLE_VECTOR_BYTES / dim);
+    fedmesh_embed::example_vectors(embedder, examples, most)
+        .iter()
+        .filter_map(|v| ExampleVector::quantise(v))
+        .collect()
+}
+
 fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec())
 }
@@ -977,11 +1002,62 @@ pub fn status_message(record: &TaskRecord) -> Vec<u8> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use fedmesh_embed::Embedder as _;
     use fedmesh_protocol::keys::{AgentName, NodeId};
     use fedmesh_protocol::task::Requester;
     use serde_json::json;
 
     const ID: &str = "00112233445566778899aabbccddeeff";
+
+    /// A `dim`-dimensional test embedder: a one-hot vector chosen by the text's length.
+    struct OneHot(usize);
+
+    impl fedmesh_embed::Embedder for OneHot {
+        fn space(&self) -> &str {
+            "one-hot/v1"
+        }
+        fn dim(&self) -> usize {
+            self.0
+        }
+        fn embed(&self, text: &str) -> Vec<f32> {
+            let mut v = vec![0.0; self.0];
+            v[text.len() % self.0] = 1.0;
+            v
+        }
+    }
+
+    #[test]
+    fn example_vectors_follow_the_examples_within_the_limits() {
+        let e = fedmesh_embed::HashEmbedder::new();
+        let examples: Vec<String> = ["translate to German", "  ", "say hello in French"]
+            .map(String::from)
+            .to_vec();
+        let v = fedmesh_embed::agent_vector(&e, "translator", &examples);
+        let capability = Embedding::quantise(e.space(), &v).unwrap();
+        let got = example_vectors(&e, &examples, &capability);
+        // One per non-blank example, in order, quantised from the embedder's own vector.
+        let want: Vec<ExampleVector> = [&examples[0], &examples[2]]
+            .iter()
+            .map(|t| ExampleVector::quantise(&e.embed(t)).unwrap())
+            .collect();
+        assert_eq!(got, want);
+        // The agent's own vector of another space: no example vectors (they could not be
+        // compared with it).
+        let own = Embedding::quantise("their-model/v1", &v).unwrap();
+        assert!(example_vectors(&e, &examples, &own).is_empty());
+        // Many examples: at most MAX_EXAMPLE_VECTORS at 256-d, fewer at 1024-d (byte budget).
+        let many: Vec<String> = (0..MAX_EXAMPLES).map(|i| "x".repeat(i + 1)).collect();
+        for (dim, most) in [
+            (256, MAX_EXAMPLE_VECTORS),
+            (1024, MAX_EXAMPLE_VECTOR_BYTES / 1024),
+        ] {
+            let e = OneHot(dim);
+            let c = Embedding::quantise(e.space(), &e.embed("c")).unwrap();
+            let got = example_vectors(&e, &many, &c);
+            assert_eq!(got.len(), most, "{dim}-d");
+            assert!(got.iter().all(|x| x.dim() == dim));
+        }
+    }
 
     fn vec_json(values: &[&str]) -> String {
         format!("[{}]", values.join(","))

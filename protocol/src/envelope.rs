@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! offset  size  field
-//! 0       1     format version (= 1)
+//! 0       1     format version (= 2)
 //! 1       32    signer: ed25519 public key (NodeId)
 //! 33      8     sent_at_ms: u64
 //! 41      n     body: postcard encoding of `Message`, canonical (re-encoding gives the same bytes)
@@ -24,7 +24,11 @@ use crate::limits::{MAX_CLOCK_SKEW_MS, MAX_ENVELOPE_BYTES, MAX_VCV_BYTES};
 use crate::message::Message;
 
 /// The only envelope format version this code speaks.
-pub const ENVELOPE_VERSION: u8 = 1;
+///
+/// * 1: the first format.
+/// * 2: `Vcv` gained `example_vectors` (a trailing field, so version-1 bodies do not decode);
+///   `MAX_EXAMPLES` went from 16 to 32 and `MAX_VCV_BYTES` from 10 to 20 KiB.
+pub const ENVELOPE_VERSION: u8 = 2;
 /// The domain-separation prefix of every envelope signature.
 pub const SIGNATURE_DOMAIN: &[u8] = b"fedmesh/v1 signed envelope\0";
 /// The blake3 key-derivation context of content ids.

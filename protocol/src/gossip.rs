@@ -1233,7 +1233,7 @@ mod tests {
         let mut v = sample::vcv(&forger, "ocr", 99, NOW);
         v.agent.node = sample::key(1).node_id();
         let body = postcard::to_allocvec(&Message::Advertise(v)).expect("enc");
-        let mut raw = vec![1u8];
+        let mut raw = vec![crate::envelope::ENVELOPE_VERSION];
         raw.extend_from_slice(forger.node_id().as_bytes());
         raw.extend_from_slice(&NOW.to_le_bytes());
         raw.extend_from_slice(&body);

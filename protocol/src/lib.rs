@@ -36,4 +36,4 @@ pub use envelope::{ContentId, Envelope, content_id, open, open_batch, seal};
 pub use error::{Acceptance, Rejection};
 pub use keys::{AgentId, AgentName, IdError, NodeId, NodeKey};
 pub use message::{AgentLoad, DeclineReason, DigestEntry, Message, Outcome, TaskId, TaskSpec};
-pub use vcv::{Embedding, ResourceLimits, Resources, SkillBloom, Vcv};
+pub use vcv::{Embedding, ExampleVector, ResourceLimits, Resources, SkillBloom, Vcv};

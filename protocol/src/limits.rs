@@ -7,8 +7,10 @@
 /// Largest encoded envelope accepted from the network, in bytes. Kept under gossipsub's default
 /// `max_transmit_size` (64 KiB) so that no conforming message is dropped silently by a peer.
 pub const MAX_ENVELOPE_BYTES: usize = 60 * 1024;
-/// Largest encoded capability vector (the `Advertise` body), in bytes (AGNTCY caps gossip at 10 KB).
-pub const MAX_VCV_BYTES: usize = 10 * 1024;
+/// Largest encoded capability vector (the `Advertise` body), in bytes. AGNTCY caps gossip at
+/// 10 KB; ours was 10 KiB until the per-example vectors ([`MAX_EXAMPLE_VECTOR_BYTES`]) were added
+/// and is now 20 KiB, still a third of [`MAX_ENVELOPE_BYTES`].
+pub const MAX_VCV_BYTES: usize = 20 * 1024;
 /// Largest embedding dimension.
 pub const MAX_DIM: usize = 1024;
 /// Smallest embedding dimension.
@@ -18,7 +20,13 @@ pub const MAX_SKILLS: usize = 64;
 /// Largest number of policy labels on one agent or task.
 pub const MAX_POLICIES: usize = 32;
 /// Largest number of examples on one agent.
-pub const MAX_EXAMPLES: usize = 16;
+pub const MAX_EXAMPLES: usize = 32;
+/// Largest number of per-example vectors on one agent (`Vcv::example_vectors`, one per example;
+/// 32 is what routing needs to reach 85 % top-1 on BANKING77, see BENCHMARKS.md).
+pub const MAX_EXAMPLE_VECTORS: usize = 32;
+/// Largest total of quantised components over all per-example vectors of one agent (one byte
+/// each): 32 vectors of 256 dimensions, or fewer of a larger dimension (8 of 1024).
+pub const MAX_EXAMPLE_VECTOR_BYTES: usize = 8 * 1024;
 /// Longest skill tag or policy label, in bytes.
 pub const MAX_LABEL_BYTES: usize = 64;
 /// Longest agent name, in bytes.

@@ -65,6 +65,7 @@ pub fn vcv(key: &NodeKey, name: &str, version: u64, issued_at_ms: u64) -> Vcv {
         },
         policies: vec!["gdpr".into(), "no-retention".into()],
         spec: None,
+        example_vectors: Vec::new(),
     };
     v.normalise();
     v

@@ -549,6 +549,7 @@ pub fn sim_vcv(key: &NodeKey, name: &str) -> Vcv {
         },
         policies: Vec::new(),
         spec: None,
+        example_vectors: Vec::new(),
     };
     v.normalise();
     v

@@ -76,25 +76,67 @@ impl Embedding {
                 dim: self.q.len(),
             });
         }
-        if !self.scale.is_finite() || self.scale <= 0.0 {
-            return Err(Rejection::NotFinite { field });
-        }
-        let norm = self
-            .q
-            .iter()
-            .map(|&x| {
-                let v = f32::from(x) * self.scale;
-                v * v
-            })
-            .sum::<f32>()
-            .sqrt();
-        if !norm.is_finite() {
-            return Err(Rejection::NotFinite { field });
-        }
-        if (norm - 1.0).abs() > NORM_TOLERANCE {
-            return Err(Rejection::NotNormalised { field, norm });
-        }
-        Ok(())
+        check_quantised(field, self.scale, &self.q)
+    }
+}
+
+/// Checks that `q · scale` is finite and unit-norm (within [`NORM_TOLERANCE`]).
+fn check_quantised(field: &'static str, scale: f32, q: &[i8]) -> Result<(), Rejection> {
+    if !scale.is_finite() || scale <= 0.0 {
+        return Err(Rejection::NotFinite { field });
+    }
+    let norm = q
+        .iter()
+        .map(|&x| {
+            let v = f32::from(x) * scale;
+            v * v
+        })
+        .sum::<f32>()
+        .sqrt();
+    if !norm.is_finite() {
+        return Err(Rejection::NotFinite { field });
+    }
+    if (norm - 1.0).abs() > NORM_TOLERANCE {
+        return Err(Rejection::NotNormalised { field, norm });
+    }
+    Ok(())
+}
+
+/// The embedding of one of an agent's examples, in the space and dimension of the agent's
+/// [`Vcv::capability`] (so it carries no space id of its own), quantised like [`Embedding`].
+///
+/// Routing scores an agent by a blend of the task's cosine to the capability centroid and to
+/// the agent's best-matching example ([`crate::router::capability_similarity`]): a mean of many
+/// examples blurs the distinct ways one capability is asked for, the best single example keeps
+/// them.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExampleVector {
+    /// Dequantisation scale.
+    pub scale: f32,
+    /// Quantised components; `q.len()` equals the capability's dimension.
+    pub q: Vec<i8>,
+}
+
+impl std::fmt::Debug for ExampleVector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ExampleVector({}-d)", self.q.len())
+    }
+}
+
+impl ExampleVector {
+    /// Quantises `values` (L2-normalised first) exactly as [`Embedding::quantise`] does.
+    ///
+    /// Returns `None` for an empty, all-zero or non-finite vector.
+    pub fn quantise(values: &[f32]) -> Option<Self> {
+        Embedding::quantise(String::new(), values).map(|e| Self {
+            scale: e.scale,
+            q: e.q,
+        })
+    }
+
+    /// The dimension.
+    pub fn dim(&self) -> usize {
+        self.q.len()
     }
 }
 
@@ -199,6 +241,10 @@ pub struct Vcv {
     pub policies: Vec<String>,
     /// Optional spec embedding `e` (goals, tools, rules).
     pub spec: Option<Embedding>,
+    /// One embedding per example (at most [`MAX_EXAMPLE_VECTORS`], together at most
+    /// [`MAX_EXAMPLE_VECTOR_BYTES`] components), in `capability`'s space and dimension; may be
+    /// empty, and then routing uses `capability` alone. Added with envelope version 2.
+    pub example_vectors: Vec<ExampleVector>,
 }
 
 impl Vcv {
@@ -235,6 +281,23 @@ impl Vcv {
                     got: spec.dim(),
                 });
             }
+        }
+        check_count(
+            "example_vectors",
+            self.example_vectors.len(),
+            MAX_EXAMPLE_VECTORS,
+        )?;
+        let components: usize = self.example_vectors.iter().map(ExampleVector::dim).sum();
+        check_len("example_vectors", components, MAX_EXAMPLE_VECTOR_BYTES)?;
+        for x in &self.example_vectors {
+            if x.dim() != self.capability.dim() {
+                return Err(Rejection::DimensionMismatch {
+                    field: "example_vectors[]",
+                    expected: self.capability.dim(),
+                    got: x.dim(),
+                });
+            }
+            check_quantised("example_vectors[]", x.scale, &x.q)?;
         }
         if self.resources.capacity == 0 {
             return Err(Rejection::Malformed(

@@ -3,7 +3,9 @@
 use fedmesh_protocol::envelope::{ENVELOPE_VERSION, MIN_ENVELOPE_BYTES};
 use fedmesh_protocol::limits::*;
 use fedmesh_protocol::sample;
-use fedmesh_protocol::{Embedding, Message, Rejection, Vcv, keys::hex, open, open_batch, seal};
+use fedmesh_protocol::{
+    Embedding, ExampleVector, Message, Rejection, Vcv, keys::hex, open, open_batch, seal,
+};
 use proptest::prelude::*;
 
 const NOW: u64 = 1_790_000_000_000;
@@ -32,6 +34,8 @@ fn golden_vcv_encoding() {
     v.capability =
         Embedding::quantise("s", &[0.5, -0.5, 0.5, -0.5, 0.0, 0.0, 0.0, 0.0]).expect("q");
     v.examples.truncate(1);
+    v.example_vectors =
+        vec![ExampleVector::quantise(&[0.0, 0.5, 0.5, 0.0, 0.5, 0.0, -0.5, 0.0]).expect("q")];
     let bytes = postcard_bytes(&Message::Advertise(v));
     assert_eq!(hex(&bytes), GOLDEN_VCV, "VCV encoding changed");
 }
@@ -52,22 +56,23 @@ fn golden_envelope_bytes() {
 
 // Pinned by the tests above; change them only with a new ENVELOPE_VERSION.
 // Advertise(Vcv): variant 0, agent (node key, name "ocr"), version 1, times, description, examples,
-// capability (space "s", f32 scale, 8 x i8), skills, bloom, resources, policies, spec None.
+// capability (space "s", f32 scale, 8 x i8), skills, bloom, resources, policies, spec None,
+// example_vectors (count 1; f32 scale, 8 x i8; version 2).
 const GOLDEN_VCV: &str = concat!(
     "008a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c036f63720180d8",
     "c1a28c3480b59da48c34356f63723a20657874726163747320746578742066726f6d207363616e6e",
     "656420696e766f6963657320616e6420726563656970747301117265616420746869732072656365",
     "69707401730402813b087f817f81000000000308696e766f69636573036f63720370646600000000",
     "0000004012000000000800000000000020020000004000000200000078f403048080408040000002",
-    "04676470720c6e6f2d726574656e74696f6e00",
+    "04676470720c6e6f2d726574656e74696f6e00010402813b08007f7f007f008100",
 );
 const GOLDEN_WITHDRAW: &str = concat!(
-    "018a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c006c50c4a0010000",
-    "018a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c036f637207",
-    "45dea6b598cf8bdac08a649c1acb6743835c9b9d97c51c0204dce3981fd5a105",
-    "b17b2475971df5c193f8c6c9818c9ed010e5354e9e462cc0355b736bda50100a",
+    "028a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c006c50c4a001000001",
+    "8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c036f6372078f",
+    "365caaa5a12c72759c84a9716daa2e2cd6699cda6bc9e833cd824a406fbeb3e4",
+    "3e61d01bcb0204b00a40c63d909211af342eb61caa3e283bfecec9ccfee405",
 );
-const GOLDEN_WITHDRAW_ID: &str = "89bc6380e4e4f67509e1b61bd6683e615e26e65e2c40979463f6aff2deb945a8";
+const GOLDEN_WITHDRAW_ID: &str = "24fe9f2f32a8d56faf8077d7efe9989d2ac05c0e9b1fc8a2f4bf868bc4d830e3";
 
 fn postcard_bytes(m: &Message) -> Vec<u8> {
     // The body of an envelope is everything between the 41-byte header and the 64-byte signature.
@@ -126,6 +131,8 @@ fn rejects_oversize() {
     let r = reject(|v| {
         v.examples = vec!["x".repeat(MAX_EXAMPLE_BYTES); MAX_EXAMPLES];
         v.description = "y".repeat(MAX_DESCRIPTION_BYTES);
+        let x = ExampleVector::quantise(&sample::unit_vector(3, 256)).expect("q");
+        v.example_vectors = vec![x; MAX_EXAMPLE_VECTORS];
     });
     assert!(
         matches!(

@@ -15,11 +15,11 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::Signer;
-use fedmesh_protocol::envelope::{MIN_ENVELOPE_BYTES, SIGNATURE_DOMAIN};
+use fedmesh_protocol::envelope::{ENVELOPE_VERSION, MIN_ENVELOPE_BYTES, SIGNATURE_DOMAIN};
 use fedmesh_protocol::limits::*;
 use fedmesh_protocol::{
-    AgentId, AgentLoad, AgentName, DeclineReason, DigestEntry, Embedding, Message, NodeId, NodeKey,
-    Outcome, Rejection, TaskId, TaskSpec, Vcv, open, open_batch, sample, seal,
+    AgentId, AgentLoad, AgentName, DeclineReason, DigestEntry, Embedding, ExampleVector, Message,
+    NodeId, NodeKey, Outcome, Rejection, TaskId, TaskSpec, Vcv, open, open_batch, sample, seal,
 };
 
 #[path = "../../fuzz/src/oracles.rs"]
@@ -117,6 +117,11 @@ fn task_id() -> TaskId {
     TaskId::derive(&key().node_id(), "requester", "r1")
 }
 
+/// A valid example vector of `dim` dimensions.
+fn example_vector(seed: u64, dim: usize) -> ExampleVector {
+    ExampleVector::quantise(&sample::unit_vector(seed, dim)).expect("non-zero")
+}
+
 fn body(m: &Message) -> Vec<u8> {
     postcard::to_allocvec(m).expect("encode")
 }
@@ -128,7 +133,7 @@ fn sealed(m: &Message) -> Vec<u8> {
 /// An envelope around `body` with the given signer and time, validly signed by `signer_key`
 /// (nothing here checks sizes or encodings, unlike `seal`).
 fn forge_with(signer: [u8; 32], signer_key: &NodeKey, sent_at_ms: u64, body: &[u8]) -> Vec<u8> {
-    let mut bytes = vec![1u8];
+    let mut bytes = vec![ENVELOPE_VERSION];
     bytes.extend_from_slice(&signer);
     bytes.extend_from_slice(&sent_at_ms.to_le_bytes());
     bytes.extend_from_slice(body);
@@ -287,7 +292,7 @@ const WEAK_KEY: [u8; 32] = {
 fn weak_key_forgery() -> Vec<u8> {
     let mut v = vcv();
     v.agent.node = NodeId(WEAK_KEY);
-    let mut bytes = vec![1u8];
+    let mut bytes = vec![ENVELOPE_VERSION];
     bytes.extend_from_slice(&WEAK_KEY);
     bytes.extend_from_slice(&NOW.to_le_bytes());
     bytes.extend_from_slice(&body(&Message::Advertise(v)));
@@ -349,12 +354,19 @@ fn heartbeat_of_len(total: usize) -> Vec<u8> {
     bytes
 }
 
-/// An `Advertise` whose body is exactly `len` bytes (found by growing one example).
+/// An `Advertise` whose body is exactly `len` bytes (found by adding example vectors, then
+/// growing one example).
 fn vcv_body_of_len(len: usize) -> Vcv {
     let mut v = vcv();
     v.description = "d".repeat(MAX_DESCRIPTION_BYTES);
     v.examples = vec!["e".repeat(MAX_EXAMPLE_BYTES); MAX_EXAMPLES - 1];
-    let base = body(&Message::Advertise(v.clone())).len();
+    let mut base = body(&Message::Advertise(v.clone())).len();
+    while len - base > MAX_EXAMPLE_BYTES && v.example_vectors.len() < MAX_EXAMPLE_VECTORS {
+        let seed = v.example_vectors.len() as u64;
+        v.example_vectors
+            .push(example_vector(seed, v.capability.dim()));
+        base = body(&Message::Advertise(v.clone())).len();
+    }
     // One more example of k bytes adds 1 (its length varint, k < 128 ≤ MAX_EXAMPLE_BYTES) + k.
     let missing = len - base;
     let extra = if missing - 1 < 128 {
@@ -415,12 +427,16 @@ fn malformed_cases() -> Vec<Case> {
     let no_body = [&valid[..41], &valid[n - 64..]].concat();
     let mut v255 = valid.clone();
     v255[0] = 255;
+    let mut v1 = valid.clone();
+    v1[0] = 1;
     let mut zero_sig = valid.clone();
     zero_sig[n - 64..].fill(0);
     let mut bad_name = withdraw_body();
     bad_name[35] = b' ';
+    // The last byte of a VCV body is the (empty) example_vectors length; the spec tag precedes it.
     let mut spec_tag_2 = body(&Message::Advertise(vcv()));
-    *spec_tag_2.last_mut().expect("non-empty") = 2;
+    let spec_at = spec_tag_2.len() - 2;
+    spec_tag_2[spec_at] = 2;
     let mut bad_reason = body(&Message::Decline {
         task: task_id(),
         agent: agent(),
@@ -434,11 +450,14 @@ fn malformed_cases() -> Vec<Case> {
 
     vec![
         // --- framing -------------------------------------------------------------------------
-        case("one byte: version 1 only", vec![1], |r| {
+        case("one byte: the version only", vec![ENVELOPE_VERSION], |r| {
             matches!(r, Rejection::Malformed(SHORT))
         }),
         case("one byte: version 0", vec![0], |r| {
             matches!(r, Rejection::UnknownVersion(0))
+        }),
+        case("version 1 (before example_vectors)", v1, |r| {
+            matches!(r, Rejection::UnknownVersion(1))
         }),
         case("version 255 on a valid envelope", v255, |r| {
             matches!(r, Rejection::UnknownVersion(255))
@@ -824,6 +843,76 @@ fn malformed_cases() -> Vec<Case> {
             |r| {
                 matches!(r, Rejection::TooLong { field: "examples[]", len, max: MAX_EXAMPLE_BYTES }
                     if *len == MAX_EXAMPLE_BYTES + 1)
+            },
+        ),
+        case(
+            "too many example vectors",
+            with_vcv(|v| {
+                v.example_vectors =
+                    vec![example_vector(1, v.capability.dim()); MAX_EXAMPLE_VECTORS + 1]
+            }),
+            |r| {
+                matches!(r, Rejection::TooMany { field: "example_vectors", count, max: MAX_EXAMPLE_VECTORS }
+                    if *count == MAX_EXAMPLE_VECTORS + 1)
+            },
+        ),
+        case(
+            "example vectors over MAX_EXAMPLE_VECTOR_BYTES",
+            with_vcv(|v| {
+                v.capability = sample::embedding(5, 1024);
+                v.example_vectors =
+                    vec![example_vector(1, 1024); MAX_EXAMPLE_VECTOR_BYTES / 1024 + 1]
+            }),
+            |r| {
+                matches!(r, Rejection::TooLong { field: "example_vectors", len, max: MAX_EXAMPLE_VECTOR_BYTES }
+                    if *len == MAX_EXAMPLE_VECTOR_BYTES + 1024)
+            },
+        ),
+        case(
+            "example vector of another dimension than the capability",
+            with_vcv(|v| v.example_vectors = vec![example_vector(1, 64)]),
+            |r| {
+                matches!(
+                    r,
+                    Rejection::DimensionMismatch {
+                        field: "example_vectors[]",
+                        expected: 256,
+                        got: 64
+                    }
+                )
+            },
+        ),
+        case(
+            "example vector not normalised",
+            with_vcv(|v| {
+                let mut x = example_vector(1, v.capability.dim());
+                x.scale *= 2.0;
+                v.example_vectors = vec![x]
+            }),
+            |r| {
+                matches!(
+                    r,
+                    Rejection::NotNormalised {
+                        field: "example_vectors[]",
+                        ..
+                    }
+                )
+            },
+        ),
+        case(
+            "example vector with a NaN scale",
+            with_vcv(|v| {
+                let mut x = example_vector(1, v.capability.dim());
+                x.scale = f32::NAN;
+                v.example_vectors = vec![x]
+            }),
+            |r| {
+                matches!(
+                    r,
+                    Rejection::NotFinite {
+                        field: "example_vectors[]"
+                    }
+                )
             },
         ),
         case(
