@@ -141,6 +141,10 @@ struct Args {
     /// Sample the RSS of this process (e.g. the broker's pid) during the run.
     #[arg(long)]
     rss_pid: Option<u32>,
+    /// Print on stderr (at most 1,000 lines) every message whose latency from the actual
+    /// write exceeds this many µs, with its send time: to see whether outliers are periodic.
+    #[arg(long)]
+    slow_us: Option<u64>,
     /// Interval of the RSS samples.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     rss_every: Duration,
@@ -335,6 +339,26 @@ impl Seen {
     }
 }
 
+/// `--slow-us` threshold in ns (0 = off) and lines printed so far.
+static SLOW_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static SLOW_PRINTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn log_slow(st: &Stamp, now_ns: u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let threshold = SLOW_NS.load(Relaxed);
+    let written = now_ns.saturating_sub(st.written_ns);
+    if threshold == 0 || written <= threshold || SLOW_PRINTED.fetch_add(1, Relaxed) >= 1000 {
+        return;
+    }
+    eprintln!(
+        "slow seq={} written_at_ms={:.3} latency_us={} from_schedule_us={}",
+        st.seq,
+        st.written_ns as f64 / 1e6,
+        written / 1000,
+        now_ns.saturating_sub(st.sent_ns) / 1000
+    );
+}
+
 impl SubStats {
     /// Handles the complete frames at the start of `data`, all received at `now_ns`;
     /// appends PUBACKs to `acks`; returns the bytes consumed.
@@ -366,6 +390,7 @@ impl SubStats {
             self.hist.record(now_ns.saturating_sub(st.sent_ns));
             self.hist_written
                 .record(now_ns.saturating_sub(st.written_ns));
+            log_slow(&st, now_ns);
             let p = &mut self.seen[st.publisher as usize];
             let (w, b) = ((st.seq / 64) as usize, st.seq % 64);
             if p.bits.len() <= w {
@@ -1246,6 +1271,12 @@ fn main() -> std::process::ExitCode {
 
 fn real_main() -> Result<()> {
     let args = Args::parse();
+    if let Some(us) = args.slow_us {
+        SLOW_NS.store(
+            us.saturating_mul(1000).max(1),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
     ensure!(
         args.size >= stamp::LEN,
         "--size must be at least {} bytes (the stamp)",
