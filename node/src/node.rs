@@ -287,9 +287,15 @@ impl Node {
                         self.handle(m, &mut outputs);
                         n += 1;
                     }
-                    self.execute(outputs).await?;
-                    // Results of hosted tasks leave now that their records are flushed.
+                    // Results (and progress) of hosted tasks leave now, while the batch that
+                    // records them is flushed: the origin is the task's owner and persists what
+                    // it receives before it acknowledges, and until that acknowledgement the
+                    // hosted record (flushed below) resends the result. Waiting for our own
+                    // flush first would add a flush to every cross-node round trip and protect
+                    // nothing: a crash before that flush leaves the same hosted record without
+                    // its outcome either way (the task is delivered to the agent again).
                     self.send_outbox(now_ms());
+                    self.execute(outputs).await?;
                     self.dirty = true;
                 }
                 ev = p2p_events.recv() => {
@@ -303,9 +309,7 @@ impl Node {
                         self.p2p_event(ev).await?;
                         n += 1;
                     }
-                    if self.unflushed {
-                        self.execute(Vec::new()).await?;
-                    }
+                    self.finish_p2p_batch().await?;
                     self.dirty = true;
                 }
                 _ = tick.tick() => {
@@ -359,10 +363,12 @@ impl Node {
         let mut outputs = outputs;
         outputs.append(&mut self.pending);
         if self.unflushed {
+            let t = Instant::now();
             self.store.flush().await?;
+            tracing::debug!(target: "fedmesh_hop", us = t.elapsed().as_micros() as u64, "flushed (unflushed)");
             self.unflushed = false;
         }
-        // Offers accepted in this batch are durable now: answer them and deliver their tasks.
+        // Offers accepted in this batch are durable now: answer them.
         self.after_flush();
         for _ in 0..MAX_ROUNDS {
             if outputs.is_empty() {
@@ -378,8 +384,13 @@ impl Node {
             if !writes.is_empty() {
                 self.store.apply(writes)?;
             }
-            self.store.flush().await?;
+            // Offers leave before the flush; every other effect waits for it (see ARCHITECTURE.md,
+            // "what waits for a flush").
             let mut next = Vec::new();
+            outputs = self.offer_early(outputs, &mut next);
+            let t = Instant::now();
+            self.store.flush().await?;
+            tracing::debug!(target: "fedmesh_hop", us = t.elapsed().as_micros() as u64, "flushed");
             for o in outputs {
                 self.effect(o, &mut next);
             }
@@ -387,6 +398,20 @@ impl Node {
         }
         self.pending = outputs;
         Ok(())
+    }
+
+    /// Sends the offers among `outputs` (deliveries to agents on other nodes) before the
+    /// batch's flush and returns the other outputs. An offer that cannot be sent adds its
+    /// follow-up (a decline) to `next`, the next round.
+    fn offer_early(&mut self, outputs: Vec<Output>, next: &mut Vec<Output>) -> Vec<Output> {
+        let mut rest = Vec::with_capacity(outputs.len());
+        for o in outputs {
+            match o {
+                Output::Deliver { ref agent, .. } if agent.node != self.id => self.effect(o, next),
+                o => rest.push(o),
+            }
+        }
+        rest
     }
 
     fn effect(&mut self, output: Output, next: &mut Vec<Output>) {
@@ -431,6 +456,7 @@ impl Node {
                         );
                     }
                 }
+                tracing::debug!(target: "fedmesh_hop", %task, finished, "notify");
                 let payload = api::event_message(task, &requester.request_id, &event);
                 let kind = if finished { "result" } else { "status" };
                 self.publish(
@@ -494,6 +520,7 @@ impl Node {
         if msg.op == fedmesh_broker::acl::INBOX_OP {
             return; // the node's own deliveries, seen by its own subscription
         }
+        tracing::debug!(target: "fedmesh_hop", op = %msg.op, "mqtt in");
         self.metrics
             .messages_in
             .get_or_create(&Kind::of(msg.op.as_str()))

@@ -355,7 +355,7 @@ pub fn swarm(key: &NodeKey, cfg: &Config) -> anyhow::Result<Swarm<Behaviour>> {
             noise::Config::new,
             yamux::Config::default,
         )?;
-    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(120));
+    let idle = swarm_config;
     let built = if cfg.p2p.quic {
         tcp_phase
             .with_quic()
@@ -400,8 +400,19 @@ pub(crate) fn memory_swarm_observed(
             behaviour_observed(k, cfg, observe, false).map_err(Into::<BoxError>::into)
         })
         .map_err(|e| anyhow::anyhow!("building the behaviour: {e}"))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .with_swarm_config(swarm_config)
         .build())
+}
+
+/// Swarm settings shared by every transport. Substreams are negotiated with multistream-select
+/// `V1Lazy`: a dialer proposing a single protocol (request-response, Kademlia, identify, ping)
+/// sends its data right behind the proposal instead of waiting a round trip for the listener's
+/// confirmation (a refusal then fails the stream as before). Proposals of several protocols
+/// (gossipsub's versions) still wait, as with `V1`. This removes one round trip from every
+/// request-response request (offers, results, anti-entropy).
+fn swarm_config(c: libp2p::swarm::Config) -> libp2p::swarm::Config {
+    c.with_idle_connection_timeout(Duration::from_secs(120))
+        .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
 }
 
 /// Starts listening and dialling, spawns the swarm task. `listen` is
@@ -634,10 +645,12 @@ impl SwarmTask {
                     .report_message_validation_result(&msg_id, &from, acceptance);
             }
             Command::Request { peer, data, tag } => {
+                tracing::debug!(target: "fedmesh_hop", tag, "swarm: send request");
                 let id = b.request_response.send_request(&peer, data);
                 self.outbound.insert(id, tag);
             }
             Command::Respond { id, frames } => {
+                tracing::debug!(target: "fedmesh_hop", id, "swarm: send response");
                 if let Some(ch) = self.open.remove(&id)
                     && b.request_response.send_response(ch, frames).is_err()
                 {
@@ -818,6 +831,7 @@ impl SwarmTask {
                 }
                 self.next_id += 1;
                 let id = self.next_id;
+                tracing::debug!(target: "fedmesh_hop", id, "swarm: request in");
                 if self.emit(
                     Event::Request {
                         peer,
@@ -838,6 +852,7 @@ impl SwarmTask {
                 ..
             } => {
                 if let Some(tag) = self.outbound.remove(&request_id) {
+                    tracing::debug!(target: "fedmesh_hop", tag, "swarm: response in");
                     self.emit(
                         Event::Response {
                             tag,

@@ -98,14 +98,20 @@ const OFFER_RETRY: Duration = Duration::from_millis(1000);
 enum OfferAnswer {
     /// Now (a decline).
     Now(Option<Vec<u8>>),
-    /// After the batch's flush (an accept, with the hosted record to make durable first).
+    /// After the batch's flush (an accept, with the hosted record to make durable first; the
+    /// agent gets the task at once).
     AfterFlush(Option<Vec<u8>>),
 }
 
 pub(super) struct Fed {
-    /// Accepted offers whose answers (and agent deliveries) wait for the batch's flush: one
-    /// sled flush covers every offer of a batch, and nothing is acknowledged before it.
-    after_flush: Vec<(u64, Option<Vec<u8>>, TaskId)>,
+    /// Accepted offers whose answers wait for the batch's flush: one sled flush covers every
+    /// offer of a batch, and no offer is acknowledged before its hosted record is durable.
+    after_flush: Vec<(u64, Option<Vec<u8>>)>,
+    /// What the progress and results received in this batch of swarm events asked the task
+    /// engine to do, and the requests to acknowledge once that is persisted: one flush covers
+    /// the batch (see [`Node::finish_p2p_batch`]).
+    batch_outputs: Vec<Output>,
+    batch_acks: Vec<u64>,
     hosted: HashMap<TaskId, Hosted>,
     /// Unacknowledged progress (`false`) and results (`true`) of hosted tasks.
     outbox: HashMap<(TaskId, bool), Outgoing>,
@@ -125,6 +131,8 @@ impl Fed {
     pub(super) fn new() -> Self {
         Self {
             after_flush: Vec::new(),
+            batch_outputs: Vec::new(),
+            batch_acks: Vec::new(),
             hosted: HashMap::new(),
             outbox: HashMap::new(),
             pending: HashMap::new(),
@@ -213,6 +221,7 @@ impl Node {
     /// Sends a request; false (and nothing pending) when the command queue is full.
     fn request(&mut self, peer: PeerId, data: Vec<u8>, p: Pending) -> bool {
         let tag = self.tag(p);
+        tracing::debug!(target: "fedmesh_hop", tag, "rr request out");
         let ok = self.p2p.send(Command::Request { peer, data, tag });
         if !ok {
             self.fed.pending.remove(&tag);
@@ -226,6 +235,7 @@ impl Node {
     }
 
     fn respond(&self, id: u64, frames: Vec<Vec<u8>>) {
+        tracing::debug!(target: "fedmesh_hop", id, "rr respond");
         self.p2p.send(Command::Respond { id, frames });
     }
 
@@ -416,6 +426,7 @@ impl Node {
         if &h.agent != name || h.outcome.is_some() {
             return true; // someone else's, or a duplicate
         }
+        tracing::debug!(target: "fedmesh_hop", %task, "hosted result");
         h.outcome = Some(outcome.clone());
         let h = h.clone();
         self.persist_hosted(&h);
@@ -513,7 +524,7 @@ impl Node {
             Event::Request { peer, id, data } => self.on_request(peer, id, &data).await?,
             Event::Response { tag, result } => {
                 let out = self.on_response(tag, result);
-                self.execute(out).await?;
+                self.fed.batch_outputs.extend(out);
             }
             Event::Connected(peer) => {
                 if self.fed.connected.len() < self.cfg.p2p.max_connections as usize {
@@ -614,6 +625,7 @@ impl Node {
     }
 
     async fn on_request(&mut self, peer: PeerId, id: u64, data: &[u8]) -> anyhow::Result<()> {
+        tracing::debug!(target: "fedmesh_hop", id, "rr request in");
         let now = now_ms();
         let from = peer.to_string();
         let Some(node) = p2p::node_id(&peer) else {
@@ -652,7 +664,22 @@ impl Node {
                 match self.host_offer(signer, task, agent, attempt, now).await? {
                     OfferAnswer::Now(answer) => self.respond(id, answer.into_iter().collect()),
                     OfferAnswer::AfterFlush(answer) => {
-                        self.fed.after_flush.push((id, answer, task_id));
+                        // The agent gets the task now, while its hosted record is flushed; the
+                        // Accept (our acknowledgement to the origin) waits for that flush. A
+                        // crash before the flush loses nothing the origin was told: it gets no
+                        // Accept, resends the offer and the task is delivered again.
+                        if let Some(h) = self.fed.hosted.get(&task_id)
+                            && h.outcome.is_none()
+                        {
+                            let topic = format!("fedmesh/v1/agent/{}/inbox", h.agent);
+                            self.publish(
+                                topic,
+                                api::task_message(&h.spec, h.attempt),
+                                None,
+                                "task",
+                            );
+                        }
+                        self.fed.after_flush.push((id, answer));
                     }
                 }
             }
@@ -663,8 +690,8 @@ impl Node {
                 note,
             } => {
                 let out = self.tasks.progress(&agent, task, percent, note, now);
-                self.execute(out).await?;
-                self.respond(id, vec![]);
+                self.fed.batch_outputs.extend(out);
+                self.fed.batch_acks.push(id);
             }
             Message::Result {
                 task,
@@ -677,15 +704,29 @@ impl Node {
                 if out.is_empty() {
                     self.metrics.error("remote_result_ignored");
                 }
-                // Persisted (and flushed) by execute before the acknowledgement.
-                self.execute(out).await?;
-                self.respond(id, vec![]);
+                // Persisted (and flushed) with the batch before the acknowledgement.
+                self.fed.batch_outputs.extend(out);
+                self.fed.batch_acks.push(id);
             }
             other => {
                 self.metrics.p2p_reject(&from, "unexpected_request");
                 tracing::debug!(kind = other.kind(), "unexpected request");
                 self.respond(id, vec![]);
             }
+        }
+        Ok(())
+    }
+
+    /// Ends a batch of swarm events: persists what its progress and results changed with one
+    /// flush (and whatever else waits for one), carries out the effects, then acknowledges those
+    /// requests.
+    pub(super) async fn finish_p2p_batch(&mut self) -> anyhow::Result<()> {
+        let out = std::mem::take(&mut self.fed.batch_outputs);
+        if !out.is_empty() || self.unflushed {
+            self.execute(out).await?;
+        }
+        for id in std::mem::take(&mut self.fed.batch_acks) {
+            self.respond(id, vec![]);
         }
         Ok(())
     }
@@ -754,8 +795,8 @@ impl Node {
                 serde_json::json!({"origin": origin.to_string(), "agent": agent.to_string()}),
             );
         }
-        // Durable before we say yes: the answer and the delivery wait for the batch's flush
-        // (`after_flush`), so a burst of offers costs one flush, not one each.
+        // Durable before we say yes: the answer waits for the batch's flush (`after_flush`), so
+        // a burst of offers costs one flush, not one each.
         self.unflushed = true;
         self.metrics
             .p2p_out
@@ -766,19 +807,16 @@ impl Node {
         ))
     }
 
-    /// Sends the answers and agent deliveries of offers accepted before the flush that just
-    /// completed. Called by `execute` right after it flushes.
+    /// Sends the answers of offers accepted before the flush that just completed. Called by
+    /// `execute` right after it flushes.
     pub(super) fn after_flush(&mut self) {
-        for (request, answer, task) in std::mem::take(&mut self.fed.after_flush) {
-            if let Some(h) = self.fed.hosted.get(&task) {
-                let topic = format!("fedmesh/v1/agent/{}/inbox", h.agent);
-                self.publish(topic, api::task_message(&h.spec, h.attempt), None, "task");
-            }
+        for (request, answer) in std::mem::take(&mut self.fed.after_flush) {
             self.respond(request, answer.into_iter().collect());
         }
     }
 
     fn on_response(&mut self, tag: u64, result: Result<Vec<Vec<u8>>, String>) -> Vec<Output> {
+        tracing::debug!(target: "fedmesh_hop", tag, "rr response in");
         let now = now_ms();
         let Some((_, p)) = self.fed.pending.remove(&tag) else {
             return vec![];
@@ -863,12 +901,10 @@ impl Node {
         }
     }
 
-    /// Timers: the registry core (expiry, re-advertisement, anti-entropy), heartbeats, result
-    /// retries, hosted expiry.
-    /// Returns the outputs of requests whose answer was lost (counted as failures).
-    /// Sends every due progress/result message of hosted tasks. Called after each batch's flush
-    /// (so a result leaves as soon as its hosted record is durable, not on the next tick) and
-    /// from the tick (retries with backoff).
+    /// Sends every due progress/result message of hosted tasks. Called once a batch of agent
+    /// messages has been handled, before that batch's flush (so a result leaves at once, while
+    /// its hosted record is being made durable; see the event loop), and from the tick (retries
+    /// with backoff).
     pub(super) fn send_outbox(&mut self, now: u64) {
         let due: Vec<(TaskId, bool)> = self
             .fed
@@ -902,6 +938,9 @@ impl Node {
         }
     }
 
+    /// Timers: the registry core (expiry, re-advertisement, anti-entropy), heartbeats, result
+    /// retries, hosted expiry. Returns the outputs of requests whose answer was lost (counted
+    /// as failures).
     pub(super) fn fed_tick(&mut self, now: u64) -> Vec<Output> {
         // A request always ends in a response or a failure event, unless the event queue was
         // full; such requests are failed here so nothing waits forever.
