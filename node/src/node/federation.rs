@@ -671,6 +671,7 @@ impl Node {
                         if let Some(h) = self.fed.hosted.get(&task_id)
                             && h.outcome.is_none()
                         {
+                            tracing::debug!(target: "fedmesh_hop", task = %task_id, "deliver hosted");
                             let topic = format!("fedmesh/v1/agent/{}/inbox", h.agent);
                             self.publish(
                                 topic,
