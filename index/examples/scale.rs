@@ -15,128 +15,25 @@
 
 use std::time::{Duration, Instant};
 
+use common::{DIM, Gen, Rng, SPACE, arg, dists, list, num, pct, rss_bytes, us};
 use fedmesh_index::{AnnIndex, IndexParams, Key};
 use fedmesh_protocol::Embedding;
 
-const DIM: usize = 256;
-const SPACE: &str = "bench-256/v1";
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f64 {
-        ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    fn gauss(&mut self) -> f32 {
-        let (u, v) = (self.unit(), self.unit());
-        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
-    }
-    fn gauss_unit(&mut self, out: &mut [f32]) {
-        out.iter_mut().for_each(|x| *x = self.gauss());
-        let n = out.iter().map(|x| x * x).sum::<f32>().sqrt();
-        out.iter_mut().for_each(|x| *x /= n);
-    }
-}
-
-/// Agent / query generator: clustered (random unit centre + noise of norm `noise`) or uniform.
-struct Gen {
-    rng: Rng,
-    centres: Vec<Vec<f32>>,
-    noise: f32,
-    buf: Vec<f32>,
-    nbuf: Vec<f32>,
-}
-
-impl Gen {
-    /// `centres` cluster centres, each a `topics`-topic direction plus a unit random offset
-    /// (cosine ≈ 0.7 to its topic), so that the data has the two-level structure of real
-    /// capability embeddings (areas, then specialities).
-    fn new(seed: u64, topics: usize, centres: usize, noise: f32) -> Self {
-        let mut rng = Rng(seed);
-        let mut ts = vec![vec![0f32; DIM]; topics.max(1)];
-        ts.iter_mut().for_each(|t| rng.gauss_unit(t));
-        let mut off = vec![0f32; DIM];
-        let centres = (0..centres)
-            .map(|i| {
-                rng.gauss_unit(&mut off);
-                let t = &ts[i % ts.len()];
-                let mut c: Vec<f32> = t.iter().zip(&off).map(|(a, b)| a + b).collect();
-                let n = c.iter().map(|x| x * x).sum::<f32>().sqrt();
-                c.iter_mut().for_each(|x| *x /= n);
-                c
-            })
-            .collect();
-        Self {
-            rng,
-            centres,
-            noise,
-            buf: vec![0f32; DIM],
-            nbuf: vec![0f32; DIM],
-        }
-    }
-
-    fn next(&mut self) -> Embedding {
-        if self.centres.is_empty() {
-            self.rng.gauss_unit(&mut self.buf);
-        } else {
-            let c = (self.rng.next() % self.centres.len() as u64) as usize;
-            self.rng.gauss_unit(&mut self.nbuf);
-            for ((b, c), n) in self.buf.iter_mut().zip(&self.centres[c]).zip(&self.nbuf) {
-                *b = c + self.noise * n;
-            }
-        }
-        Embedding::quantise(SPACE, &self.buf).unwrap()
-    }
-}
-
-fn rss_bytes() -> usize {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<usize>().ok())
-        .map_or(0, |pages| pages * 4096)
-}
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
-
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
-fn list(s: &str) -> Vec<usize> {
-    s.split(',').map(|x| x.trim().parse().unwrap()).collect()
-}
+#[path = "common/mod.rs"]
+mod common;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let ns = list(&arg(&args, "--n").unwrap_or_else(|| "10000,100000".into()));
     let dist = arg(&args, "--dist").unwrap_or_else(|| "clustered".into());
-    let queries: usize = arg(&args, "--queries").map_or(1000, |s| s.parse().unwrap());
-    let exact_n: usize = arg(&args, "--exact").map_or(200, |s| s.parse().unwrap());
-    let centres: usize = arg(&args, "--centres").map_or(4000, |s| s.parse().unwrap());
-    let noise: f32 = arg(&args, "--noise").map_or(0.5, |s| s.parse().unwrap());
-    let topics: usize = arg(&args, "--topics").map_or(64, |s| s.parse().unwrap());
-    let list_factor: f64 = arg(&args, "--list-factor").map_or(1.0, |s| s.parse().unwrap());
+    let queries: usize = num(&args, "--queries", 1000);
+    let exact_n: usize = num(&args, "--exact", 200);
+    let centres: usize = num(&args, "--centres", 4000);
+    let noise: f32 = num(&args, "--noise", 0.5);
+    let topics: usize = num(&args, "--topics", 64);
+    let list_factor: f64 = num(&args, "--list-factor", 1.0);
     let nprobes = arg(&args, "--nprobe").map(|s| list(&s));
-    let dists: Vec<&str> = match dist.as_str() {
-        "both" => vec!["clustered", "random"],
-        d => vec![if d == "random" { "random" } else { "clustered" }],
-    };
+    let dists = dists(&dist);
 
     println!(
         "dist | N | nlist | insert/s (incl. retrain) | insert/s (excl.) | retrain s | update/s | remove/s | nprobe | query p50 µs | p99 µs | filtered p99 µs | recall@10 | exact p50 µs | speed-up | B/agent (memory_bytes) | B/agent (RSS Δ)"
