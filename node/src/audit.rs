@@ -35,8 +35,8 @@ use std::fmt;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
@@ -258,18 +258,6 @@ pub struct AuditView {
     last: AtomicU64,
 }
 
-/// The view of the most recently opened [`AuditLog`] of this process, while that log lives.
-/// `http::serve` takes it when the node starts its HTTP server (the node opens its log first),
-/// so the node's wiring stays the one `serve(addr, shared)` call. One node runs per process.
-static LIVE: Mutex<Weak<AuditView>> = Mutex::new(Weak::new());
-
-/// The view of the audit log this process opened last (empty when none is open).
-pub fn live_view() -> Weak<AuditView> {
-    LIVE.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone()
-}
-
 impl AuditView {
     /// [`AuditLog::after`] on the live log.
     pub fn after(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, AuditError> {
@@ -340,9 +328,6 @@ impl AuditLog {
             node: key.node_id(),
             last: AtomicU64::new(seq),
         });
-        *LIVE
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::downgrade(&view);
         let key = SigningKey::from_bytes(&key.secret_bytes());
         Ok(Self {
             entries,
@@ -396,8 +381,7 @@ impl AuditLog {
         Ok(())
     }
 
-    /// The read-only view of this log.
-    #[cfg(test)]
+    /// The read-only view of this log (the HTTP server's `/audit` endpoints read through it).
     pub fn view(&self) -> Arc<AuditView> {
         self.view.clone()
     }

@@ -45,14 +45,8 @@ impl std::fmt::Debug for Shared {
 }
 
 /// Binds `addr` and serves until the process ends. Returns the bound address.
-/// The audit endpoints serve the log this process opened last ([`crate::audit::live_view`]),
-/// the node's own: it opens its log before it serves.
-pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> anyhow::Result<SocketAddr> {
-    serve_with(addr, shared, crate::audit::live_view()).await
-}
-
-/// [`serve`] with the audit endpoints on `audit`.
-async fn serve_with(
+/// The audit endpoints read the node's log through `audit` (503 once the log is gone).
+pub async fn serve(
     addr: SocketAddr,
     shared: Arc<Shared>,
     audit: Weak<AuditView>,
@@ -394,7 +388,7 @@ mod tests {
             before_scrape: Box::new(|| {}),
         });
         let view = log.view();
-        let addr = serve_with(
+        let addr = serve(
             "127.0.0.1:0".parse().unwrap(),
             shared,
             Arc::downgrade(&view),

@@ -39,12 +39,67 @@ use crate::store::{Store, Write};
 const MAX_BATCH: usize = 512;
 /// How often timers (deadlines, retries, expiry) are checked.
 const TICK: Duration = Duration::from_millis(50);
+/// `/status` and the gauges are rebuilt at most every this many ticks (250 ms).
+const STATUS_TICKS: u32 = 5;
+/// Remote agents listed in `/status` (the lowest ids; every local agent is listed, and
+/// `agents_total` counts them all): a registry of a million agents must not make every
+/// refresh serialise a million objects.
+const STATUS_REMOTE_AGENTS: usize = 256;
 /// Audit checkpoint interval.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
 /// Final, delivered tasks are kept this long before they are pruned.
 const KEEP_FINISHED_MS: u64 = 3_600_000;
 /// Bound on the follow-up rounds of one batch (effects that cause more outputs).
 const MAX_ROUNDS: usize = 4;
+
+/// A registry entry ordered by agent id (for the bounded `/status` listing).
+struct Listed<'a>(&'a fedmesh_protocol::registry::Entry);
+
+impl PartialEq for Listed<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.vcv.agent == other.0.vcv.agent
+    }
+}
+
+impl Eq for Listed<'_> {}
+
+impl PartialOrd for Listed<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Listed<'_> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.vcv.agent.cmp(&other.0.vcv.agent)
+    }
+}
+
+/// Every local agent, and the `cap` remote agents with the lowest ids (a bounded max-heap:
+/// O(registry) time, O(listed) memory).
+fn listed_agents<'a>(
+    entries: impl Iterator<Item = &'a fedmesh_protocol::registry::Entry>,
+    me: NodeId,
+    cap: usize,
+) -> (
+    Vec<&'a fedmesh_protocol::registry::Entry>,
+    Vec<&'a fedmesh_protocol::registry::Entry>,
+) {
+    let mut remote = std::collections::BinaryHeap::new();
+    let mut local = Vec::new();
+    for e in entries {
+        if e.vcv.agent.node == me {
+            local.push(e);
+        } else {
+            remote.push(Listed(e));
+            if remote.len() > cap {
+                remote.pop();
+            }
+        }
+    }
+    let remote = remote.into_sorted_vec().into_iter().map(|l| l.0).collect();
+    (local, remote)
+}
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -104,7 +159,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }),
     });
     let http_addr = match cfg.http.listen_addr() {
-        Some(addr) => Some(http::serve(addr, shared.clone()).await?),
+        Some(addr) => Some(
+            http::serve(
+                addr,
+                shared.clone(),
+                std::sync::Arc::downgrade(&audit.view()),
+            )
+            .await?,
+        ),
         None => None,
     };
 
@@ -319,7 +381,11 @@ impl Node {
                     let changed = !outputs.is_empty() || self.unflushed;
                     self.execute(outputs).await?;
                     status_every += 1;
-                    if changed || self.dirty {
+                    if changed {
+                        self.dirty = true;
+                    }
+                    // At most every STATUS_TICKS ticks: building it is O(registry).
+                    if self.dirty && status_every.is_multiple_of(STATUS_TICKS) {
                         self.refresh_status();
                         self.dirty = false;
                     }
@@ -854,10 +920,12 @@ impl Node {
                 .set(n as i64);
         }
         self.metrics.agents.set(self.gossip.registry().len() as i64);
-        let mut agents: Vec<serde_json::Value> = self
-            .gossip
-            .registry()
-            .iter()
+        let registry = self.gossip.registry();
+        let (local, remote) = listed_agents(registry.iter(), self.id, STATUS_REMOTE_AGENTS);
+        let remote_total = registry.len() - local.len();
+        let mut agents: Vec<serde_json::Value> = local
+            .into_iter()
+            .chain(remote)
             .map(|e| {
                 serde_json::json!({
                     "id": e.vcv.agent.to_string(),
@@ -884,6 +952,9 @@ impl Node {
             "embedder": self.embedder.space(),
             "mqtt": {"v4": self.broker.local_addr_v4().to_string(), "v5": self.broker.local_addr_v5().map(|a| a.to_string())},
             "agents": agents,
+            "agents_total": registry.len(),
+            "remote_agents_listed": remote_total.min(STATUS_REMOTE_AGENTS),
+            "remote_agents_total": remote_total,
             "tasks": by_state,
             "audit_entries": self.audit.len(),
             "p2p": {
@@ -918,5 +989,35 @@ fn rejection(r: &Rejection, op: &'static str) -> ApiError {
         field,
         reason: r.to_string(),
         request_id: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fedmesh_protocol::registry::Entry;
+    use fedmesh_protocol::{ContentId, sample};
+
+    use super::listed_agents;
+
+    fn entry(node: u8, name: &str) -> Entry {
+        Entry {
+            vcv: sample::vcv(&sample::key(node), name, 1, 1_790_000_000_000),
+            id: ContentId([0; 32]),
+            envelope: vec![],
+        }
+    }
+
+    #[test]
+    fn status_lists_every_local_agent_and_the_lowest_remote_ids() {
+        let me = sample::key(1).node_id();
+        let mut entries: Vec<Entry> = (0..5).map(|i| entry(1, &format!("local{i}"))).collect();
+        entries.extend((0..50).rev().map(|i| entry(2, &format!("remote{i:02}"))));
+        let (local, remote) = listed_agents(entries.iter(), me, 3);
+        assert_eq!(local.len(), 5, "every local agent");
+        let names: Vec<String> = remote
+            .iter()
+            .map(|e| e.vcv.agent.name.to_string())
+            .collect();
+        assert_eq!(names, ["remote00", "remote01", "remote02"]);
     }
 }
