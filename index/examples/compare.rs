@@ -2,7 +2,7 @@
 //! "measure the candidates from well-kept crates before you choose").
 //!
 //! ```sh
-//! cargo run --release -p fedmesh-index --example compare -- --n 100000 --engines ivf,hnsw_rs
+//! cargo run --release -p fedmesh-index --features compare --example compare -- --n 100000 --engines ivf,hnsw_rs
 //! ```
 //!
 //! Engines (`--engines`, comma list; run one external engine per process so that the RSS delta
