@@ -49,10 +49,11 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
     at_least("mqtt.connect_timeout_ms", m.connect_timeout_ms, 1)?;
 
     let p = &c.p2p;
-    let needs_quic = |key: String, value: &str| ConfigError::Multiaddr {
+    let needs_quic = |key: String, value: &str| ConfigError::Invalid {
         key,
-        value: value.into(),
-        reason: "a /quic-v1 address needs p2p.quic = true".into(),
+        problem: format!(
+            "{value:?} is a QUIC address but p2p.quic = false; expected p2p.quic = true or a /tcp/ address"
+        ),
     };
     for (i, a) in p.listen.iter().enumerate() {
         let key = format!("p2p.listen[{i}]");
