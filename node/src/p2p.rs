@@ -18,6 +18,7 @@
 //!   [`MAX_MDNS_PEERS`] of them at a time ([`MdnsPeers`]).
 
 use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -239,6 +240,43 @@ pub fn verdict(a: fedmesh_protocol::Acceptance) -> MessageAcceptance {
     }
 }
 
+/// Gossipsub peer scoring. The positive terms are small and capped (at most +10 in all), so
+/// that one invalid message (−50) takes a peer below the gossip threshold (−10) and two in
+/// quick succession below the graylist threshold (−80): its messages are then ignored
+/// unseen. With gossipsub's defaults, the time-in-mesh reward alone reached +1800 within
+/// seconds, and a forger that spaced its forgeries out was never graylisted
+/// (`tests/tests/forger.rs` found it). Loopback peers are exempt from the IP colocation
+/// penalty (a local testnet runs every node on 127.0.0.1); other IPs keep it.
+fn score_params() -> gossipsub::PeerScoreParams {
+    let mut params = gossipsub::PeerScoreParams {
+        topic_score_cap: 10.0,
+        ..Default::default()
+    };
+    params.ip_colocation_factor_whitelist.extend([
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+    ]);
+    params
+}
+
+/// Per-topic scoring (see [`score_params`]): tiny meshes carry few messages, so quiet mesh
+/// peers are not penalised; invalid messages are, heavily.
+fn topic_score_params() -> gossipsub::TopicScoreParams {
+    gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.01,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        time_in_mesh_cap: 300.0,
+        first_message_deliveries_weight: 0.1,
+        first_message_deliveries_cap: 50.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: -50.0,
+        invalid_message_deliveries_decay: 0.5,
+        ..Default::default()
+    }
+}
+
 /// Sees every gossip message a behaviour computes a message id for: each one it publishes and
 /// each copy it receives, duplicates included (gossipsub drops duplicates right after). Used by
 /// `fedmesh bench gossip` to count redundant deliveries; `None` in the node.
@@ -280,17 +318,9 @@ fn behaviour_observed(
     let mut gossipsub =
         gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gcfg)
             .map_err(|e| anyhow::anyhow!("gossipsub: {e}"))?;
-    let mut params = gossipsub::PeerScoreParams::default();
+    let mut params = score_params();
     for t in [REGISTRY_TOPIC, HEARTBEAT_TOPIC] {
-        // Tiny meshes carry few messages: no penalty for quiet mesh peers, a heavy one for
-        // invalid messages.
-        let tp = gossipsub::TopicScoreParams {
-            mesh_message_deliveries_weight: 0.0,
-            mesh_failure_penalty_weight: 0.0,
-            invalid_message_deliveries_weight: -50.0,
-            invalid_message_deliveries_decay: 0.5,
-            ..Default::default()
-        };
+        let tp = topic_score_params();
         params
             .topics
             .insert(gossipsub::IdentTopic::new(t).hash(), tp);
