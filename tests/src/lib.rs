@@ -25,12 +25,41 @@ pub fn fedmesh_bin() -> PathBuf {
     bin
 }
 
-/// A free loopback port (bound then released).
+/// A free loopback port (bound then released), never the same one twice in a process.
+///
+/// Ports come from below Linux's ephemeral range (32768–60999): a port that bind(0) handed out
+/// and we released could be taken as the source port of some outgoing loopback connection
+/// before the node binds it ("Address already in use", seen once in a parallel run). Each test
+/// process draws from its own slice of 10000–32767 (by pid), so parallel tests rarely meet.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    const LOW: u32 = 10_000;
+    const SLICES: u32 = 16;
+    const SLICE: u32 = (32_768 - LOW) / SLICES;
+    let pid = std::process::id();
+    let base = LOW + (pid % SLICES) * SLICE;
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let given = given.get_or_insert_with(HashSet::new);
+    let mut x = pid.wrapping_mul(2_654_435_761) ^ given.len() as u32;
+    for _ in 0..SLICE {
+        x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        let port = u16::try_from(base + (x >> 8) % SLICE).expect("below 32768");
+        if given.contains(&port) {
+            continue;
+        }
+        // Free for TCP and UDP (QUIC listens on UDP ports).
+        let free = TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        if free {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port in {base}..{}", base + SLICE);
 }
 
 /// One node process with its own data directory and ports.
