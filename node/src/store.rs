@@ -42,7 +42,9 @@ impl Store {
         let path = data_dir.join("db");
         let db = sled::Config::new()
             .path(&path)
-            .mode(sled::Mode::LowSpace)
+            // Less eager segment cleaning than `LowSpace`: 12 % more tasks/s in the local
+            // round trip (BENCHMARKS.md); the task store is pruned, so space stays bounded.
+            .mode(sled::Mode::HighThroughput)
             .open()
             .with_context(|| {
                 format!(
