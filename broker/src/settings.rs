@@ -86,8 +86,10 @@ const SEGMENT_MAX: u64 = 4 * 1024 * 1024;
 ///   * every other filter gets `segment = clamp((B/4) / 64 / (SEGMENT_COUNT + 1),
 ///     16 KiB, 4 MiB)`, so 64 fully backed-up filters fit in the last quarter;
 ///     a log holds `5 × segment` (plus one message of overflow).
-/// * **QoS 0 batch**: `max_outgoing_packet_count = clamp(B / (connections × 4 KiB), 16,
-///   200)`: messages the router hands a connection per pass.
+/// * **QoS 0 batch**: `max_outgoing_packet_count = clamp(B / (connections × 1 KiB), 16,
+///   200)` (128 at the defaults): messages the router hands a connection per pass. They are
+///   reference-counted views of the log, not copies. With 32 (`× 4 KiB`) a subscriber of a QoS 0
+///   flood got 18 % fewer messages per second (32 K vs 38 K msg/s, 1 KiB, A/B interleaved).
 /// * **frames**: a PUBLISH payload is at most `M`; any frame at most `M + 64 KiB`.
 ///
 /// What the budget cannot bound: rumqttd creates a log per distinct filter (and, with
@@ -175,7 +177,7 @@ impl BrokerLimits {
         let segs = SEGMENT_COUNT as u64 + 1;
         let node_segment = (b / 8) / segs;
         let segment = ((b / 4) / 64 / segs).clamp(SEGMENT_MIN, SEGMENT_MAX);
-        let per_pass = b / (max_connections as u64 * 4096);
+        let per_pass = b / (max_connections as u64 * 1024);
         Ok(Self {
             max_connections,
             max_payload_bytes: s.max_payload_bytes,
