@@ -87,9 +87,12 @@ metrics! {
     /// Times a QoS ≥ 1 publisher was held because a QoS ≥ 1 subscriber of its topic
     /// was more than half a commit log behind (see `flow`).
     qos1_flow_waits,
-    /// Held publishers released after `flow::MAX_WAIT` because the subscriber did not
-    /// drain (its count is reset; rumqttd may then drop data for it).
+    /// Subscriber counts reset: a held publisher waited `flow::MAX_WAIT` in vain, or a
+    /// subscriber counted as behind took nothing for 200 ms (the count had drifted).
     qos1_flow_resyncs,
+    /// QoS 0 publishes dropped by the proxy because every subscriber they reach is more than
+    /// half a commit log behind (rumqttd would drop them for those subscribers anyway).
+    qos0_dropped_early,
 }
 
 impl Metrics {

@@ -944,11 +944,14 @@ impl Session<'_> {
                 self.alias_bytes = bytes;
                 self.aliases[usize::from(a)] = Some(topic.clone());
             }
-            // Charge QoS ≥ 1 messages to slow subscribers before rumqttd can deliver them.
-            let behind = if ph.qos > 0 {
-                self.flow.charge(&topic, flow::cost(topic.len(), payload))
-            } else {
-                Vec::new()
+            // Charge the message to its subscribers before rumqttd can deliver it, or drop a
+            // QoS 0 one that only reaches subscribers far behind (see `flow`).
+            let behind = match self
+                .flow
+                .charge(&topic, flow::cost(topic.len(), payload), ph.qos)
+            {
+                flow::Charge::Forward(behind) => behind,
+                flow::Charge::Drop => return client.skip(h.frame_len()).await,
             };
             client.forward(h.frame_len(), uw).await?;
             if !behind.is_empty() {
@@ -1141,7 +1144,7 @@ where
                 return Err(ConnError::ServerAlias);
             }
         }
-        if h.kind() == codec::PUBLISH && (h.flags() >> 1) & 0x03 > 0 && meter.active() {
+        if h.kind() == codec::PUBLISH && meter.active() {
             let inspect = h.remaining.min(INSPECT_CAP);
             up.ensure(h.header_len + inspect).await?;
             let (topic_len, header_len) = codec::publish_layout(
@@ -1152,6 +1155,7 @@ where
             meter.delivered(
                 flow::cost(topic_len, h.remaining.saturating_sub(header_len)),
                 low,
+                sh.flow.now_ms(),
             );
         }
         Metrics::inc(&m.frames_out);
