@@ -199,7 +199,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         eprintln!("  http       http://{a}/status  /metrics  /healthz");
     }
     eprintln!("  agents: connect with any MQTT client; see docs/agent-api.md");
-    node.event_loop(inbound, p2p_events).await
+    // The event loop runs as a task on the runtime's workers, not in `block_on` on the main
+    // thread: the swarm task, the broker's tasks and the loop then wake one another on the same
+    // worker (tokio's LIFO slot) instead of through a cross-thread unpark on every hand-off.
+    tokio::spawn(node.event_loop(inbound, p2p_events))
+        .await
+        .context("the node's event loop panicked")?
 }
 
 struct Node {
