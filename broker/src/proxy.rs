@@ -238,6 +238,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// Discards the next `n` bytes, streaming.
+    /// The whole body of the frame `h` starts, read into the buffer (at most `cap` bytes:
+    /// larger frames are refused).
+    async fn body(&mut self, h: &FixedHeader, cap: usize) -> Result<&[u8], ConnError> {
+        if h.remaining > cap {
+            return Err(ConnError::FrameTooLarge(h.remaining));
+        }
+        self.ensure(h.frame_len()).await?;
+        Ok(&self.buf[h.header_len..h.frame_len()])
+    }
+
     async fn skip(&mut self, mut n: usize) -> Result<(), ConnError> {
         while n > 0 {
             if self.buf.is_empty() && !self.fill().await? {
@@ -996,11 +1006,7 @@ impl Session<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        if h.remaining > SUBSCRIBE_CAP {
-            return Err(ConnError::FrameTooLarge(h.remaining));
-        }
-        client.ensure(h.frame_len()).await?;
-        let sub = codec::parse_subscribe(&client.buf[h.header_len..h.frame_len()], self.version)?;
+        let sub = codec::parse_subscribe(client.body(&h, SUBSCRIBE_CAP).await?, self.version)?;
         let denied: Vec<&String> = sub
             .filters
             .iter()
@@ -1046,12 +1052,8 @@ impl Session<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        if h.remaining > SUBSCRIBE_CAP {
-            return Err(ConnError::FrameTooLarge(h.remaining));
-        }
-        client.ensure(h.frame_len()).await?;
         let filters =
-            codec::parse_unsubscribe(&client.buf[h.header_len..h.frame_len()], self.version)?;
+            codec::parse_unsubscribe(client.body(&h, SUBSCRIBE_CAP).await?, self.version)?;
         self.flow.unsubscribed(&filters);
         client.forward(h.frame_len(), uw).await
     }
