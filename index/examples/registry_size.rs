@@ -26,14 +26,27 @@ fn main() {
         .unwrap_or(100_000);
     let now = 1_790_000_000_000u64;
     let key = sample::key(7);
-    for (label, examples) in [
-        ("sample VCV (2 examples)", 2usize),
-        ("16 examples of ~48 B", 16),
+    for (label, examples, vectors) in [
+        ("sample VCV (2 examples)", 2usize, false),
+        ("16 examples of ~48 B", 16, false),
+        (
+            "32 examples of ~48 B with their 32 example vectors (256-d)",
+            32,
+            true,
+        ),
     ] {
         let mut v = sample::vcv(&key, "agent-0", 1, now);
         v.examples = (0..examples)
             .map(|i| format!("example request number {i:02} for this agent ok"))
             .collect();
+        if vectors {
+            // What the node fills from the examples' text (same space and dimension).
+            let ex = fedmesh_protocol::vcv::ExampleVector {
+                scale: v.capability.scale,
+                q: v.capability.q.clone(),
+            };
+            v.example_vectors = vec![ex; examples];
+        }
         v.normalise();
         let env = seal(&key, now, &Message::Advertise(v.clone())).unwrap();
         let id = content_id(&env).unwrap();
