@@ -200,10 +200,46 @@ impl TestNode {
         Ok(serde_json::from_str(&body)?)
     }
 
+    /// Polls `/status` every 100 ms until `pred` holds and returns that status; panics
+    /// naming `what` (with the last status) after `timeout`.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            if let Ok(s) = self.status()
+                && pred(&s)
+            {
+                return s;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{what}: not within {timeout:?}; status: {:?}",
+                self.status().ok()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The MQTT 3.1.1 address.
     pub fn mqtt_v4_addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.mqtt_v4))
     }
+}
+
+/// Whether a `/status` lists a remote agent called `name` (hosted by another node).
+pub fn has_remote_agent(status: &serde_json::Value, name: &str) -> bool {
+    status["agents"].as_array().is_some_and(|a| {
+        a.iter().any(|x| {
+            x["local"] == false
+                && x["id"]
+                    .as_str()
+                    .is_some_and(|i| i.starts_with(&format!("{name}@")))
+        })
+    })
 }
 
 impl Drop for TestNode {

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use fedmesh_tests::mqtt::{Client, advert, connect};
-use fedmesh_tests::{TestNode, free_port};
+use fedmesh_tests::{TestNode, free_port, has_remote_agent};
 use serde_json::json;
 
 fn p2p_env(port: u16, bootstrap: Option<&str>) -> Vec<(String, String)> {
@@ -23,7 +23,7 @@ fn p2p_env(port: u16, bootstrap: Option<&str>) -> Vec<(String, String)> {
 }
 
 fn addr_of(node: &TestNode, port: u16) -> String {
-    wait_for("node id in /status", Duration::from_secs(10), node, |s| {
+    node.wait_status("node id in /status", Duration::from_secs(10), |s| {
         s["node_id"].is_string()
     });
     let id = node.status().expect("status")["node_id"]
@@ -33,41 +33,8 @@ fn addr_of(node: &TestNode, port: u16) -> String {
     format!("/ip4/127.0.0.1/tcp/{port}/p2p/{id}")
 }
 
-fn wait_for(
-    what: &str,
-    timeout: Duration,
-    node: &TestNode,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) {
-    let start = Instant::now();
-    loop {
-        if let Ok(s) = node.status()
-            && pred(&s)
-        {
-            return;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "{what}: not within {timeout:?}; status: {:?}",
-            node.status().ok()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn peers(s: &serde_json::Value) -> usize {
     s["p2p"]["peers"].as_array().map_or(0, Vec::len)
-}
-
-fn has_remote_agent(s: &serde_json::Value, name: &str) -> bool {
-    s["agents"].as_array().is_some_and(|a| {
-        a.iter().any(|x| {
-            x["local"] == false
-                && x["id"]
-                    .as_str()
-                    .is_some_and(|i| i.starts_with(&format!("{name}@")))
-        })
-    })
 }
 
 async fn worker(node: &TestNode) -> Client {
@@ -108,15 +75,13 @@ async fn three_nodes_route_a_task_across_the_mesh() {
     let boot = addr_of(&a, pa);
     let b = TestNode::start_with(p2p_env(pb, Some(&boot))).expect("node B");
     let c = TestNode::start_with(p2p_env(pc, Some(&boot))).expect("node C");
-    wait_for("A sees B and C", Duration::from_secs(20), &a, |s| {
-        peers(s) >= 2
-    });
+    a.wait_status("A sees B and C", Duration::from_secs(20), |s| peers(s) >= 2);
 
     let w = worker(&c).await;
-    wait_for("A learns C's agent", Duration::from_secs(20), &a, |s| {
+    a.wait_status("A learns C's agent", Duration::from_secs(20), |s| {
         has_remote_agent(s, "worker")
     });
-    wait_for("B learns C's agent", Duration::from_secs(20), &b, |s| {
+    b.wait_status("B learns C's agent", Duration::from_secs(20), |s| {
         has_remote_agent(s, "worker")
     });
 
@@ -161,12 +126,9 @@ async fn three_nodes_route_a_task_across_the_mesh() {
 
     // A node that joins later learns the agent by anti-entropy (no new advertisement is sent).
     let d = TestNode::start_with(p2p_env(free_port(), Some(&boot))).expect("node D");
-    wait_for(
-        "D learns C's agent by sync",
-        Duration::from_secs(20),
-        &d,
-        |s| has_remote_agent(s, "worker"),
-    );
+    d.wait_status("D learns C's agent by sync", Duration::from_secs(20), |s| {
+        has_remote_agent(s, "worker")
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,9 +137,9 @@ async fn hosting_node_killed_mid_task_still_completes() {
     let a = TestNode::start_with(p2p_env(pa, None)).expect("node A");
     let boot = addr_of(&a, pa);
     let mut c = TestNode::start_with(p2p_env(pc, Some(&boot))).expect("node C");
-    wait_for("A sees C", Duration::from_secs(20), &a, |s| peers(s) >= 1);
+    a.wait_status("A sees C", Duration::from_secs(20), |s| peers(s) >= 1);
     let mut w = worker(&c).await;
-    wait_for("A learns C's agent", Duration::from_secs(20), &a, |s| {
+    a.wait_status("A learns C's agent", Duration::from_secs(20), |s| {
         has_remote_agent(s, "worker")
     });
     let mut req = connect(a.mqtt_v4, "req", &["fedmesh/v1/client/req/inbox"])
@@ -194,9 +156,7 @@ async fn hosting_node_killed_mid_task_still_completes() {
     c.kill9();
     drop(w);
     c.restart().expect("restart C");
-    wait_for("A sees C again", Duration::from_secs(30), &a, |s| {
-        peers(s) >= 1
-    });
+    a.wait_status("A sees C again", Duration::from_secs(30), |s| peers(s) >= 1);
     let mut w = worker(&c).await;
     let again = w
         .expect_within("task", Duration::from_secs(15))
@@ -217,9 +177,9 @@ async fn origin_node_killed_mid_task_still_completes() {
     let mut a = TestNode::start_with(p2p_env(pa, None)).expect("node A");
     let boot = addr_of(&a, pa);
     let c = TestNode::start_with(p2p_env(pc, Some(&boot))).expect("node C");
-    wait_for("A sees C", Duration::from_secs(20), &a, |s| peers(s) >= 1);
+    a.wait_status("A sees C", Duration::from_secs(20), |s| peers(s) >= 1);
     let mut w = worker(&c).await;
-    wait_for("A learns C's agent", Duration::from_secs(20), &a, |s| {
+    a.wait_status("A learns C's agent", Duration::from_secs(20), |s| {
         has_remote_agent(s, "worker")
     });
     let mut req = connect(a.mqtt_v4, "req", &["fedmesh/v1/client/req/inbox"])
@@ -258,10 +218,9 @@ async fn origin_node_killed_mid_task_still_completes() {
     };
     assert_eq!(r["output"], "100", "{r}");
     assert_eq!(r["request_id"], "o1");
-    wait_for(
+    a.wait_status(
         "A records the task completed",
         Duration::from_secs(5),
-        &a,
         |s| s["tasks"]["completed"] == 1,
     );
 }

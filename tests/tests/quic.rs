@@ -4,10 +4,10 @@
 //! all over QUIC).
 
 use std::net::UdpSocket;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use fedmesh_tests::TestNode;
 use fedmesh_tests::mqtt::{advert, connect};
+use fedmesh_tests::{TestNode, has_remote_agent};
 use serde_json::json;
 
 /// A free loopback UDP port (bound then released).
@@ -33,28 +33,6 @@ fn quic_env(port: u16, bootstrap: Option<&str>) -> Vec<(String, String)> {
     env
 }
 
-fn wait_for(
-    what: &str,
-    timeout: Duration,
-    node: &TestNode,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        if let Ok(s) = node.status()
-            && pred(&s)
-        {
-            return s;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "{what}: not within {timeout:?}; status: {:?}",
-            node.status().ok()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn strings(v: &serde_json::Value) -> Vec<String> {
     v.as_array()
         .map(|a| {
@@ -65,22 +43,11 @@ fn strings(v: &serde_json::Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn has_remote_agent(s: &serde_json::Value, name: &str) -> bool {
-    s["agents"].as_array().is_some_and(|a| {
-        a.iter().any(|x| {
-            x["local"] == false
-                && x["id"]
-                    .as_str()
-                    .is_some_and(|i| i.starts_with(&format!("{name}@")))
-        })
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_route_a_task_over_quic_only() {
     let (pa, pc) = (free_udp_port(), free_udp_port());
     let a = TestNode::start_with(quic_env(pa, None)).expect("node A");
-    let s = wait_for("A listens", Duration::from_secs(10), &a, |s| {
+    let s = a.wait_status("A listens", Duration::from_secs(10), |s| {
         !strings(&s["p2p"]["listen"]).is_empty()
     });
     let listen = strings(&s["p2p"]["listen"]);
@@ -92,7 +59,7 @@ async fn two_nodes_route_a_task_over_quic_only() {
     );
     let boot = listen[0].clone();
     let c = TestNode::start_with(quic_env(pc, Some(&boot))).expect("node C");
-    wait_for("A and C connect", Duration::from_secs(20), &a, |s| {
+    a.wait_status("A and C connect", Duration::from_secs(20), |s| {
         !strings(&s["p2p"]["peers"]).is_empty()
     });
     assert!(
@@ -111,7 +78,7 @@ async fn two_nodes_route_a_task_over_quic_only() {
     .await
     .expect("advertise");
     w.expect("advertised").await.expect("ack");
-    wait_for("A learns C's agent", Duration::from_secs(20), &a, |s| {
+    a.wait_status("A learns C's agent", Duration::from_secs(20), |s| {
         has_remote_agent(s, "worker")
     });
 
