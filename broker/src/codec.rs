@@ -36,6 +36,8 @@ pub(crate) const AUTH: u8 = 15;
 
 /// MQTT 5 property identifiers used by the proxy.
 pub(crate) mod prop {
+    pub(crate) const RESPONSE_TOPIC: u8 = 0x08;
+    pub(crate) const CORRELATION_DATA: u8 = 0x09;
     pub(crate) const SUBSCRIPTION_ID: u8 = 0x0b;
     pub(crate) const ASSIGNED_CLIENT_ID: u8 = 0x12;
     pub(crate) const AUTH_METHOD: u8 = 0x15;
@@ -323,7 +325,6 @@ impl Properties {
     }
 
     /// The payload of a string or binary property `id` (without its length prefix).
-    #[cfg(test)]
     pub(crate) fn get_binary(&self, id: u8) -> Option<&[u8]> {
         self.get(id).and_then(|v| v.get(2..))
     }

@@ -320,12 +320,12 @@ impl Broker {
             defences,
             sessions: Default::default(),
             shutdown: shutdown_rx.clone(),
+            to_node: inbound_tx,
         });
 
         let mut tasks = vec![
             runtime.spawn(link::receive(
                 link_rx,
-                inbound_tx,
                 metrics.clone(),
                 health.clone(),
                 shutdown_rx.clone(),

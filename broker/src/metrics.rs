@@ -70,9 +70,13 @@ metrics! {
     bytes_out,
     /// Messages for the node dropped because the inbound queue was full.
     inbound_dropped,
+    /// Node-bound PUBLISHes handed over after 5 s without rumqttd
+    /// having acknowledged the connection's earlier SUBSCRIBEs.
+    suback_wait_timeouts,
+
     /// Messages from the node dropped because the outbound queue was full.
     outbound_dropped,
-    /// Messages for the node dropped for a malformed topic or a missing principal.
+    /// Messages that reached the node's link, which subscribes to nothing (none expected).
     inbound_malformed,
     /// Watchdog probes of rumqttd's internal listeners that failed.
     watchdog_failures,

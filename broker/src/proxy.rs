@@ -12,6 +12,15 @@
 //! delimited (so the proxy can insert its own acks between them) and, for v5 PUBLISH,
 //! checked for server topic aliases.
 //!
+//! A PUBLISH on a principal topic (`fedmesh/v1/{agent|client}/P/op`, the node's API) is
+//! also handed to the node directly, as an [`Inbound`], while it is forwarded to rumqttd
+//! as usual (which acknowledges it and serves any other subscriber). The node's in-process
+//! link no longer subscribes to those topics: the hand-off saves the proxy → rumqttd →
+//! router → link hops on every request and result (see ARCHITECTURE.md, "The node's API
+//! topics"). The node answers through rumqttd, so a PUBLISH that follows a SUBSCRIBE on
+//! the same connection is handed over only once rumqttd has acknowledged that SUBSCRIBE
+//! ([`SubAcks`]): a reply is never published before the subscription it is meant for.
+//!
 //! rumqttd's listener-killing panic needs a connection refused *after* its CONNECT was
 //! accepted for processing: a client id the router rejects (`+ $ # /`), a full router,
 //! or a socket that closes before rumqttd writes the CONNACK. The proxy rules out all
@@ -25,10 +34,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
@@ -37,6 +46,7 @@ use crate::codec::{self, CodecError, Connect, FixedHeader, Version, prop};
 use crate::credentials::CredentialStore;
 use crate::flow::{self, Flow, Subscriber};
 use crate::internal::{Endpoints, InternalAuth};
+use crate::link::Inbound;
 use crate::metrics::Metrics;
 use crate::nodelay;
 use crate::sessions::Sessions;
@@ -69,6 +79,9 @@ const LINGER: Duration = Duration::from_secs(2);
 const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
 /// Keep Alive sent to rumqttd for clients that asked for 0 (rumqttd refuses 0).
 const KEEP_ALIVE_FOR_ZERO: u16 = u16::MAX;
+/// Longest a node-bound PUBLISH waits for rumqttd to acknowledge the connection's earlier
+/// SUBSCRIBEs; then it is handed over anyway (and counted in `suback_wait_timeouts`).
+const SUBACK_WAIT: Duration = Duration::from_secs(5);
 
 /// Switches for the defences that tests turn off to show the defect they prevent.
 #[derive(Debug, Clone, Copy)]
@@ -83,6 +96,9 @@ pub(crate) struct Defences {
     pub(crate) upstream_quickack: bool,
     /// Hold QoS ≥ 1 publishers while a QoS ≥ 1 subscriber is far behind (see `flow`).
     pub(crate) qos1_flow_control: bool,
+    /// Hand a node-bound PUBLISH to the node only after rumqttd acknowledged the
+    /// connection's earlier SUBSCRIBEs (else the node's reply can overtake them).
+    pub(crate) node_publish_after_suback: bool,
 }
 
 impl Default for Defences {
@@ -93,6 +109,7 @@ impl Default for Defences {
             listener_nodelay: true,
             upstream_quickack: true,
             qos1_flow_control: true,
+            node_publish_after_suback: true,
         }
     }
 }
@@ -114,6 +131,48 @@ pub(crate) struct ProxyShared {
     pub(crate) shutdown: watch::Receiver<bool>,
     /// QoS 1 flow control between publishers and slow subscribers.
     pub(crate) flow: Flow,
+    /// The node's bounded inbound queue: node-bound PUBLISHes go here directly.
+    pub(crate) to_node: mpsc::Sender<Inbound>,
+}
+
+/// SUBSCRIBEs of one connection forwarded to rumqttd and not yet acknowledged: the
+/// client-side task counts them up, the broker-side task down (on each SUBACK it relays).
+#[derive(Debug, Default)]
+pub(crate) struct SubAcks {
+    pending: AtomicUsize,
+    acked: Notify,
+}
+
+impl SubAcks {
+    fn sent(&self) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn acked(&self) {
+        // Saturating: a SUBACK we did not count (there is none today) must not wrap.
+        let _ = self
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        self.acked.notify_waiters();
+    }
+
+    /// Waits until every SUBSCRIBE forwarded so far is acknowledged, at most `limit`.
+    /// Returns whether it had to give up.
+    async fn settled(&self, limit: Duration) -> bool {
+        timeout(limit, async {
+            loop {
+                let acked = self.acked.notified();
+                tokio::pin!(acked);
+                acked.as_mut().enable();
+                if self.pending.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                acked.await;
+            }
+        })
+        .await
+        .is_err()
+    }
 }
 
 /// Why a connection ended abnormally.
@@ -745,7 +804,9 @@ async fn connection(
     let (inject_tx, inject_rx) = mpsc::channel(INJECT_DEPTH);
     let flow = sh.flow.connection();
     let meter = flow.meter();
+    let subacks = Arc::new(SubAcks::default());
     let mut session = Session {
+        subacks: subacks.clone(),
         principal: admitted.principal,
         version,
         sh,
@@ -757,7 +818,7 @@ async fn connection(
     };
     let (result, taken_over) = tokio::select! {
         r = session.client_to_broker(&mut client, &mut uw) => (r, false),
-        r = broker_to_client(&mut up, &mut cw, inject_rx, sh, version, &meter) => (r, false),
+        r = broker_to_client(&mut up, &mut cw, inject_rx, sh, version, &meter, &subacks) => (r, false),
         _ = takeover.superseded() => (Ok(()), true),
     };
     drop(session);
@@ -817,6 +878,8 @@ struct Session<'a> {
     inject: mpsc::Sender<Inject>,
     /// This connection's QoS 1 flow-control state.
     flow: flow::Conn<'a>,
+    /// This connection's SUBSCRIBEs not yet acknowledged by rumqttd.
+    subacks: Arc<SubAcks>,
 }
 
 impl Session<'_> {
@@ -954,6 +1017,12 @@ impl Session<'_> {
                 self.alias_bytes = bytes;
                 self.aliases[usize::from(a)] = Some(topic.clone());
             }
+            if let Some((role, _, op)) = acl::parse_principal_topic(&topic)
+                && op != acl::INBOX_OP
+            {
+                self.hand_to_node(h, ph.header_len, role, &topic, client, uw)
+                    .await?;
+            }
             // Charge the message to its subscribers before rumqttd can deliver it, or drop a
             // QoS 0 one that only reaches subscribers far behind (see `flow`).
             let behind = match self
@@ -996,6 +1065,63 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Hands a PUBLISH on one of this principal's API topics to the node (see the module
+    /// docs), once rumqttd has acknowledged this connection's earlier SUBSCRIBEs. The
+    /// frame stays in `client`'s buffer, to be forwarded to rumqttd next.
+    async fn hand_to_node<R, W>(
+        &mut self,
+        h: FixedHeader,
+        variable_header_len: usize,
+        role: acl::Role,
+        topic: &str,
+        client: &mut FrameReader<R>,
+        uw: &mut W,
+    ) -> Result<(), ConnError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let m = &self.sh.metrics;
+        if self.sh.defences.node_publish_after_suback
+            && self.subacks.pending.load(Ordering::Acquire) > 0
+        {
+            // rumqttd must have the SUBSCRIBEs before it can acknowledge them.
+            uw.flush().await?;
+            if self.subacks.settled(SUBACK_WAIT).await {
+                Metrics::inc(&m.suback_wait_timeouts);
+                warn!(principal = %self.principal, %topic, "rumqttd did not acknowledge a SUBSCRIBE in time; handing the PUBLISH to the node anyway");
+            }
+        }
+        client.ensure(h.frame_len()).await?;
+        let body = &client.buf[h.header_len..h.frame_len()];
+        let (response_topic, correlation_data) = match self.version {
+            Version::V5 => {
+                let (_, props) = codec::publish_properties(h.flags(), body)?;
+                let response_topic = props
+                    .get_binary(prop::RESPONSE_TOPIC)
+                    .map(|t| String::from_utf8_lossy(t).into_owned());
+                let correlation = props
+                    .get_binary(prop::CORRELATION_DATA)
+                    .map(Bytes::copy_from_slice);
+                (response_topic, correlation)
+            }
+            Version::V4 => (None, None),
+        };
+        let msg = Inbound {
+            principal: self.principal.clone(),
+            role,
+            op: topic.rsplit('/').next().unwrap_or_default().to_owned(),
+            topic: topic.to_owned(),
+            payload: Bytes::copy_from_slice(body.get(variable_header_len..).unwrap_or_default()),
+            response_topic,
+            correlation_data,
+        };
+        if self.sh.to_node.try_send(msg).is_err() {
+            Metrics::inc(&m.inbound_dropped);
+        }
+        Ok(())
+    }
+
     async fn subscribe<R, W>(
         &mut self,
         h: FixedHeader,
@@ -1020,6 +1146,7 @@ impl Session<'_> {
             .any(|f| f.starts_with('$') && !f.starts_with("$share/"));
         if denied.is_empty() && !unsupported {
             self.flow.subscribed(&sub.filters, &sub.qos);
+            self.subacks.sent();
             return client.forward(h.frame_len(), uw).await;
         }
         let code = if denied.is_empty() {
@@ -1086,6 +1213,7 @@ async fn broker_to_client<R, W>(
     sh: &ProxyShared,
     version: Version,
     meter: &Subscriber,
+    subacks: &SubAcks,
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin,
@@ -1162,9 +1290,13 @@ where
         }
         Metrics::inc(&m.frames_out);
         Metrics::add(&m.bytes_out, h.frame_len() as u64);
+        let suback = h.kind() == codec::SUBACK;
         timeout(WRITE_STALL, up.forward(h.frame_len(), cw))
             .await
             .map_err(|_| ConnError::Stalled)??;
+        if suback {
+            subacks.acked();
+        }
     }
 }
 

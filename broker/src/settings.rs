@@ -1,11 +1,10 @@
 //! Broker settings and the limits derived from the memory budget.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use rumqttd::{RouterConfig, SegmentConfig};
+use rumqttd::RouterConfig;
 
 use crate::error::BrokerError;
 
@@ -79,13 +78,12 @@ const SEGMENT_MAX: u64 = 4 * 1024 * 1024;
 /// * **commit logs**: rumqttd keeps one in-memory log per distinct subscription filter,
 ///   of `SEGMENT_COUNT + 1` segments (older segments are dropped, and the data with them,
 ///   when a lagging subscriber falls behind: that is how a QoS 0 flood is bounded). The
-///   other half of the budget pays for them:
-///   * the node's two link filters (`fedmesh/v1/agent/+/+`, `fedmesh/v1/client/+/+`,
-///     which carry all principal traffic) get `B/8` each:
-///     `node_segment = (B/8) / (SEGMENT_COUNT + 1)`;
-///   * every other filter gets `segment = clamp((B/4) / 64 / (SEGMENT_COUNT + 1),
-///     16 KiB, 4 MiB)`, so 64 fully backed-up filters fit in the last quarter;
-///     a log holds `5 × segment` (plus one message of overflow).
+///   other half of the budget pays for them: every filter gets `segment = clamp((B/4) / 64
+///   / (SEGMENT_COUNT + 1), 16 KiB, 4 MiB)`, so 64 fully backed-up filters fit in a
+///   quarter; a log holds `5 × segment` (plus one message of overflow). The other quarter
+///   is headroom: it used to pay for the node link's two wildcard filters, which carried
+///   all principal traffic until the proxy started handing that traffic to the node
+///   directly (the link subscribes to nothing now).
 /// * **QoS 0 batch**: `max_outgoing_packet_count = clamp(B / (connections × 1 KiB), 16,
 ///   200)` (128 at the defaults): messages the router hands a connection per pass. They are
 ///   reference-counted views of the log, not copies. With 32 (`× 4 KiB`) a subscriber of a QoS 0
@@ -133,14 +131,9 @@ pub struct BrokerLimits {
     pub segment_bytes: usize,
     /// rumqttd `max_segment_count`.
     pub segment_count: usize,
-    /// rumqttd segment size of the node's two link filters.
-    pub node_segment_bytes: usize,
     /// rumqttd `max_outgoing_packet_count`.
     pub max_outgoing_packet_count: u64,
 }
-
-/// The node link's subscriptions.
-pub(crate) const LINK_FILTERS: [&str; 2] = ["fedmesh/v1/agent/+/+", "fedmesh/v1/client/+/+"];
 
 impl BrokerLimits {
     /// Derives the limits (see the type docs for the formula).
@@ -175,7 +168,6 @@ impl BrokerLimits {
         let by_budget = usize::try_from((b / 2) / PER_CONNECTION_BYTES).unwrap_or(usize::MAX);
         let max_connections = s.max_connections.min(by_budget).max(1);
         let segs = SEGMENT_COUNT as u64 + 1;
-        let node_segment = (b / 8) / segs;
         let segment = ((b / 4) / 64 / segs).clamp(SEGMENT_MIN, SEGMENT_MAX);
         let per_pass = b / (max_connections as u64 * 1024);
         Ok(Self {
@@ -185,28 +177,18 @@ impl BrokerLimits {
             router_max_connections: max_connections + INTERNAL_SLOTS,
             segment_bytes: usize::try_from(segment).unwrap_or(usize::MAX),
             segment_count: SEGMENT_COUNT,
-            node_segment_bytes: usize::try_from(node_segment).unwrap_or(usize::MAX),
             max_outgoing_packet_count: per_pass.clamp(16, 200),
         })
     }
 
     /// The rumqttd router configuration.
     pub(crate) fn router_config(&self) -> RouterConfig {
-        let node = SegmentConfig {
-            max_segment_size: self.node_segment_bytes,
-            max_segment_count: self.segment_count,
-        };
         RouterConfig {
             max_connections: self.router_max_connections,
             max_outgoing_packet_count: self.max_outgoing_packet_count,
             max_segment_size: self.segment_bytes,
             max_segment_count: self.segment_count,
-            custom_segment: Some(
-                LINK_FILTERS
-                    .iter()
-                    .map(|f| (f.to_string(), node.clone()))
-                    .collect::<HashMap<_, _>>(),
-            ),
+            custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         }
@@ -225,15 +207,14 @@ mod tests {
         assert_eq!(l.router_max_connections, 2048 + INTERNAL_SLOTS);
         assert_eq!(l.segment_count, 4);
         assert!(l.segment_bytes >= 16 * 1024 && l.segment_bytes <= 4 * 1024 * 1024);
-        assert_eq!(l.node_segment_bytes, (256 << 20) / 8 / 5);
         assert!((16..=200).contains(&l.max_outgoing_packet_count));
         assert_eq!(l.max_frame_bytes, 256 * 1024 + FRAME_OVERHEAD);
         let rc = l.router_config();
         assert!(rc.max_segment_size >= 1024, "rumqttd panics below 1 KiB");
         assert!(rc.max_segment_count >= 1, "rumqttd panics at 0");
-        // Commit logs stay within half the budget: two node logs plus 64 ordinary ones.
-        let logs = 2 * 5 * l.node_segment_bytes as u64 + 64 * 5 * l.segment_bytes as u64;
-        assert!(logs <= (256 << 20) / 2 + 1024, "{logs}");
+        // 64 backed-up commit logs stay within a quarter of the budget.
+        let logs = 64 * 5 * l.segment_bytes as u64;
+        assert!(logs <= (256 << 20) / 4 + 1024, "{logs}");
     }
 
     #[test]

@@ -459,3 +459,78 @@ async fn qos1_slow_subscriber_loses_nothing_with_flow_control() {
     );
     broker.shutdown().await;
 }
+
+/// Reads one MQTT frame (fixed header + body) from `s`; returns its first byte.
+async fn read_frame(s: &mut tokio::net::TcpStream) -> u8 {
+    let first = s.read_u8().await.unwrap();
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let b = s.read_u8().await.unwrap();
+        len |= usize::from(b & 0x7f) << shift;
+        shift += 7;
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).await.unwrap();
+    first
+}
+
+/// A client subscribes to its reply topic and submits at once, without waiting for the
+/// SUBACK, through a proxy whose upstream is a stand-in for rumqttd that withholds the
+/// SUBACK. Returns whether the node got the submit while the SUBACK was withheld, and
+/// whether it got it once the SUBACK was sent.
+async fn submit_while_suback_withheld(defences: Defences) -> (bool, bool) {
+    let (broker, mut inbound) = Broker::start_with(settings(), defences).unwrap();
+    let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut ep = broker.internal.endpoints.borrow().clone();
+    ep.v5.addr = fake.local_addr().unwrap();
+    ep.v5.quickack = false;
+    broker.internal.endpoints.send(ep).unwrap();
+    let upstream = tokio::spawn(async move {
+        let (mut s, _) = fake.accept().await.unwrap();
+        assert_eq!(read_frame(&mut s).await >> 4, 1, "CONNECT");
+        s.write_all(&[0x20, 3, 0, 0, 0]).await.unwrap(); // CONNACK v5, no properties
+        assert_eq!(read_frame(&mut s).await >> 4, 8, "SUBSCRIBE");
+        s
+    });
+    let addr = broker.local_addr_v5().unwrap();
+    let mut o = MqttOptions::new("req", addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(5));
+    let (c, mut rx) = client(o);
+    next(&mut rx, |p| matches!(p, P5::ConnAck(_)).then_some(())).await;
+    c.subscribe("fedmesh/v1/client/req/reply/1", Q5::AtLeastOnce)
+        .await
+        .unwrap();
+    c.publish("fedmesh/v1/client/req/submit", Q5::AtLeastOnce, false, "x")
+        .await
+        .unwrap();
+    let mut s = upstream.await.unwrap();
+    let early = timeout(Duration::from_millis(300), inbound.recv())
+        .await
+        .is_ok();
+    // SUBACK for packet id 1, no properties, granted QoS 1.
+    s.write_all(&[0x90, 4, 0, 1, 0, 1]).await.unwrap();
+    let after = early || timeout(WAIT, inbound.recv()).await.is_ok();
+    drop(s);
+    broker.shutdown().await;
+    (early, after)
+}
+
+#[tokio::test]
+async fn a_submit_waits_for_the_suback_of_the_subscription_before_it() {
+    // The proxy hands node-bound PUBLISHes to the node directly while SUBSCRIBEs go to
+    // rumqttd, and the node answers through rumqttd: without holding the PUBLISH until
+    // rumqttd acknowledged the SUBSCRIBE, the answer could be published before the
+    // subscription exists, and be lost.
+    assert_eq!(
+        submit_while_suback_withheld(Defences::default()).await,
+        (false, true)
+    );
+    let off = Defences {
+        node_publish_after_suback: false,
+        ..Defences::default()
+    };
+    assert_eq!(submit_while_suback_withheld(off).await, (true, true));
+}
