@@ -68,8 +68,8 @@
 //!   proxy with SUBACK 0x80 (v4) / 0x87 (v5) for every filter of the packet. All counted.
 //!
 //! So a message on `fedmesh/v1/{agent|client}/P/<op>` was published by principal `P`:
-//! the node's link subscribes to exactly those topics and hands them over as
-//! [`Inbound`] with `principal = P`; the node itself may not publish there
+//! the proxy hands exactly those PUBLISHes to the node as [`Inbound`] with
+//! `principal = P` (besides forwarding them to rumqttd); the node itself may not publish there
 //! ([`acl::node_may_publish`]). This stops an agent from advertising, withdrawing or
 //! answering as another agent, and from eavesdropping on another principal's namespace.
 //!
@@ -88,6 +88,7 @@ mod codec;
 mod credentials;
 mod error;
 mod flow;
+mod gate;
 mod internal;
 pub mod link;
 mod metrics;
@@ -111,6 +112,7 @@ use tracing::info;
 pub use acl::Role;
 pub use credentials::CredentialStore;
 pub use error::BrokerError;
+pub use gate::Held;
 pub use link::{Inbound, Outbound, Qos};
 pub use metrics::MetricsSnapshot;
 pub use nodelay::Mechanism as NodelayMechanism;
@@ -198,6 +200,7 @@ pub struct Broker {
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     internal: Arc<Internal>,
+    gate: Arc<gate::Gate>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -301,7 +304,9 @@ impl Broker {
             &metrics.internal_listeners_nodelay,
             internal.nodelay_count(),
         );
+        let gate = Arc::new(gate::Gate::default());
         let shared = Arc::new(ProxyShared {
+            gate: gate.clone(),
             metrics: metrics.clone(),
             limits: limits.clone(),
             anonymous: settings.anonymous,
@@ -353,6 +358,7 @@ impl Broker {
                 shutdown: shutdown_tx,
                 tasks,
                 internal,
+                gate,
             },
             inbound_rx,
         ))
@@ -370,6 +376,35 @@ impl Broker {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(BrokerError::Stopped),
         }
+    }
+
+    /// Queues a message that no client may see before [`Broker::release`] is called with the
+    /// returned [`Held`]: the message travels through rumqttd at once and the proxy holds it
+    /// at the last hop (see the `gate` module). The node publishes a batch's effects this way
+    /// while the batch is being flushed, then releases them. Fails like [`Broker::publish`],
+    /// and then nothing stays held.
+    pub fn publish_held(&self, msg: Outbound) -> Result<Held, BrokerError> {
+        link::check_outbound(&msg, self.limits.max_payload_bytes)?;
+        let key = self.gate.key(msg.topic.as_bytes(), &msg.payload);
+        // Held before it is queued, so that no proxy connection can see it first.
+        self.gate.hold(key);
+        let queued = match self.outbound.try_send(msg) {
+            Ok(()) => Ok(key),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                Metrics::inc(&self.metrics.outbound_dropped);
+                Err(BrokerError::QueueFull)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(BrokerError::Stopped),
+        };
+        if queued.is_err() {
+            self.gate.release([key]);
+        }
+        queued
+    }
+
+    /// Lets the proxy deliver messages queued by [`Broker::publish_held`].
+    pub fn release(&self, held: impl IntoIterator<Item = Held>) {
+        self.gate.release(held);
     }
 
     /// Queues a message for publishing, waiting for queue capacity.

@@ -73,7 +73,10 @@ metrics! {
     /// Node-bound PUBLISHes handed over after 5 s without rumqttd
     /// having acknowledged the connection's earlier SUBSCRIBEs.
     suback_wait_timeouts,
-
+    /// Messages to clients that waited at the proxy for the node's flush (see `gate`).
+    held_waits,
+    /// Held messages delivered because the node did not release them within 30 s.
+    held_timeouts,
     /// Messages from the node dropped because the outbound queue was full.
     outbound_dropped,
     /// Messages that reached the node's link, which subscribes to nothing (none expected).

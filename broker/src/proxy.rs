@@ -45,6 +45,7 @@ use crate::acl;
 use crate::codec::{self, CodecError, Connect, FixedHeader, Version, prop};
 use crate::credentials::CredentialStore;
 use crate::flow::{self, Flow, Subscriber};
+use crate::gate::{self, Gate};
 use crate::internal::{Endpoints, InternalAuth};
 use crate::link::Inbound;
 use crate::metrics::Metrics;
@@ -133,6 +134,8 @@ pub(crate) struct ProxyShared {
     pub(crate) flow: Flow,
     /// The node's bounded inbound queue: node-bound PUBLISHes go here directly.
     pub(crate) to_node: mpsc::Sender<Inbound>,
+    /// Messages of the node held until it has flushed what they say (see `gate`).
+    pub(crate) gate: Arc<Gate>,
 }
 
 /// SUBSCRIBEs of one connection forwarded to rumqttd and not yet acknowledged: the
@@ -1272,6 +1275,26 @@ where
             if props.get(prop::TOPIC_ALIAS).is_some() {
                 tracing::error!(%topic, "rumqttd sent a server topic alias; closing the connection");
                 return Err(ConnError::ServerAlias);
+            }
+        }
+        if h.kind() == codec::PUBLISH && !sh.gate.is_empty() {
+            // A message of the node's may wait here for the flush that makes it true.
+            up.ensure(h.frame_len()).await?;
+            let body = &up.buf[h.header_len..h.frame_len()];
+            let (topic_len, header_len) = codec::publish_layout(h.flags(), body, version)?;
+            let topic = body.get(2..2 + topic_len).unwrap_or_default();
+            let key = sh
+                .gate
+                .key(topic, body.get(header_len..).unwrap_or_default());
+            if sh.gate.is_held(key) {
+                Metrics::inc(&m.held_waits);
+                timeout(WRITE_STALL, cw.flush())
+                    .await
+                    .map_err(|_| ConnError::Stalled)??;
+                if sh.gate.wait(key, gate::HOLD_LIMIT).await {
+                    Metrics::inc(&m.held_timeouts);
+                    warn!(limit = ?gate::HOLD_LIMIT, "the node did not release a held message in time; delivering it");
+                }
             }
         }
         if h.kind() == codec::PUBLISH && meter.active() {

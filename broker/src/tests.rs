@@ -534,3 +534,55 @@ async fn a_submit_waits_for_the_suback_of_the_subscription_before_it() {
     };
     assert_eq!(submit_while_suback_withheld(off).await, (true, true));
 }
+
+#[tokio::test]
+async fn a_held_message_reaches_no_client_before_it_is_released() {
+    let (broker, _inbound) = Broker::start_with(settings(), Defences::default()).unwrap();
+    let addr = broker.local_addr_v5().unwrap();
+    let mut o = MqttOptions::new("held", addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(5));
+    let (c, mut rx) = client(o);
+    next(&mut rx, |p| matches!(p, P5::ConnAck(_)).then_some(())).await;
+    c.subscribe("fedmesh/v1/client/held/reply/#", Q5::AtLeastOnce)
+        .await
+        .unwrap();
+    next(&mut rx, |p| matches!(p, P5::SubAck(_)).then_some(())).await;
+    let msg = |topic: &str, payload: &'static [u8]| crate::Outbound {
+        topic: topic.to_owned(),
+        payload: bytes::Bytes::from_static(payload),
+        qos: crate::Qos::AtLeastOnce,
+        retain: false,
+        correlation_data: None,
+    };
+    let held = broker
+        .publish_held(msg("fedmesh/v1/client/held/reply/1", b"durable later"))
+        .unwrap();
+    let early = timeout(
+        Duration::from_millis(300),
+        next(&mut rx, |p| matches!(p, P5::Publish(_)).then_some(())),
+    )
+    .await;
+    assert!(early.is_err(), "a held message reached the client");
+    assert!(broker.metrics().held_waits >= 1);
+    broker.release([held]);
+    let topic = next(&mut rx, |p| match p {
+        P5::Publish(p) => Some(p.topic),
+        _ => None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(&topic[..], b"fedmesh/v1/client/held/reply/1");
+    // Nothing held: messages flow as usual, and the gate is empty again.
+    broker
+        .publish(msg("fedmesh/v1/client/held/reply/2", b"now"))
+        .unwrap();
+    let topic = next(&mut rx, |p| match p {
+        P5::Publish(p) => Some(p.topic),
+        _ => None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(&topic[..], b"fedmesh/v1/client/held/reply/2");
+    assert!(broker.gate.is_empty());
+    broker.shutdown().await;
+}

@@ -8,6 +8,7 @@
 
 mod federation;
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use bytes::Bytes;
-use fedmesh_broker::{Broker, BrokerSettings, Inbound, Outbound, Qos, Role};
+use fedmesh_broker::{Broker, BrokerSettings, Held, Inbound, Outbound, Qos, Role};
 use fedmesh_config::{Config, Embedder as EmbedderName};
 use fedmesh_embed::Embedder;
 use fedmesh_protocol::gossip::{self, Federation, FederationError};
@@ -233,6 +234,9 @@ struct Node {
     fed: federation::Fed,
     /// Writes were applied outside `execute` and wait for the next flush.
     unflushed: bool,
+    /// While `Some`, [`Node::publish`] queues messages held at the proxy until the flush under
+    /// way completes (`execute`), collecting them here for the release.
+    held: RefCell<Option<Vec<Held>>>,
 }
 
 impl Node {
@@ -293,6 +297,7 @@ impl Node {
             p2p,
             fed: federation::Fed::new(),
             unflushed: false,
+            held: RefCell::new(None),
         })
     }
 
@@ -455,16 +460,21 @@ impl Node {
             if !writes.is_empty() {
                 self.store.apply(writes)?;
             }
-            // Offers leave before the flush; every other effect waits for it (see ARCHITECTURE.md,
-            // "what waits for a flush").
+            // Offers leave before the flush. Every other effect is carried out now too, but
+            // what it publishes is held at the proxy until the flush completes: no client sees
+            // it before it is durable, and the publish pipeline runs while sled flushes (see
+            // ARCHITECTURE.md, "what waits for a flush", and `fedmesh_broker::Held`).
             let mut next = Vec::new();
             outputs = self.offer_early(outputs, &mut next);
-            let t = Instant::now();
-            self.store.flush().await?;
-            tracing::debug!(target: "fedmesh_hop", us = t.elapsed().as_micros() as u64, "flushed");
+            *self.held.borrow_mut() = Some(Vec::new());
             for o in outputs {
                 self.effect(o, &mut next);
             }
+            let held = self.held.borrow_mut().take().unwrap_or_default();
+            let t = Instant::now();
+            self.store.flush().await?;
+            tracing::debug!(target: "fedmesh_hop", us = t.elapsed().as_micros() as u64, "flushed");
+            self.broker.release(held);
             outputs = next;
         }
         self.pending = outputs;
@@ -557,7 +567,11 @@ impl Node {
             retain: false,
             correlation_data: correlation,
         };
-        match self.broker.publish(out) {
+        let queued = match self.held.borrow_mut().as_mut() {
+            Some(held) => self.broker.publish_held(out).map(|h| held.push(h)),
+            None => self.broker.publish(out),
+        };
+        match queued {
             Ok(()) => {
                 self.metrics
                     .messages_out
