@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh machine: installs what the tests need when it is
-# missing (Debian's mosquitto clients, paho-mqtt from PyPI, the WordLlama weights from PyPI),
+# missing (Debian's mosquitto clients and iproute2, paho-mqtt from PyPI, the WordLlama weights from PyPI),
 # then runs the tests with cargo-nextest (or cargo test when nextest is absent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v mosquitto >/dev/null 2>&1 || need_apt+=(mosquitto)
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2) # the mDNS test's network namespaces
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} (Debian)" >&2
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

@@ -815,7 +815,7 @@ impl SwarmTask {
                         .inc_by(acts.ignored as u64);
                 }
                 for (peer, addrs) in acts.dial {
-                    tracing::debug!(%peer, ?addrs, "found by mDNS");
+                    tracing::info!(%peer, ?addrs, "found by mDNS");
                     for a in addrs {
                         self.swarm.behaviour_mut().kad.add_address(&peer, a);
                     }
