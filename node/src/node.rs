@@ -466,13 +466,21 @@ impl Node {
             // ARCHITECTURE.md, "what waits for a flush", and `fedmesh_broker::Held`).
             let mut next = Vec::new();
             outputs = self.offer_early(outputs, &mut next);
+            // The flush starts now (sled hands it to its own threads on the first poll) and the
+            // effects run while it does.
+            let t = Instant::now();
+            let store = self.store.clone();
+            let mut flush = Box::pin(async move { store.flush().await });
+            let started = futures::poll!(flush.as_mut());
             *self.held.borrow_mut() = Some(Vec::new());
             for o in outputs {
                 self.effect(o, &mut next);
             }
             let held = self.held.borrow_mut().take().unwrap_or_default();
-            let t = Instant::now();
-            self.store.flush().await?;
+            match started {
+                std::task::Poll::Ready(r) => r?,
+                std::task::Poll::Pending => flush.await?,
+            }
             tracing::debug!(target: "fedmesh_hop", us = t.elapsed().as_micros() as u64, "flushed");
             self.broker.release(held);
             outputs = next;

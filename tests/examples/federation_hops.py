@@ -42,8 +42,8 @@ for task,t0,t1,tot in cl:
     pts=[('1 client -> A: MQTT submit in',t0,a_in),('2 A: submit -> offer handed to swarm',a_in,a_off),
       ('3 offer transit A swarm -> C swarm',a_off,c_req),('4 C: offer in -> delivered to agent',c_req,c_dlv),
       ('5 C -> agent -> C: MQTT round trip',c_dlv,c_res),('6 C: result in -> handed to swarm',c_res,c_send),
-      ('7 result transit C swarm -> A swarm',c_send,a_req),('8 A: result in -> flushed',a_req,a_fl2),
-      ('9 A: flushed -> result published',a_fl2,a_not),('10 A -> client: MQTT result out',a_not,t1),('total',t0,t1),
+      ('7 result transit C swarm -> A swarm',c_send,a_req),('8 A: result in -> result published (held at the proxy until the flush)',a_req,a_not),
+      ('9 A: result in -> flushed',a_req,a_fl2),('10 A: flushed -> client has the result',a_fl2,t1),('total',t0,t1),
       ('(off path) C: offer in -> flushed',c_req,c_fl),('(off path) C: flushed -> Accept to swarm',c_fl,c_resp),
       ('(off path) Accept transit C -> A',c_resp,a_acc)]
     for k,a,b in pts:
