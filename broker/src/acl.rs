@@ -155,6 +155,22 @@ fn could_match_foreign(p: &str, filter: &str) -> bool {
 /// The op of the topic the node delivers to a principal on: `fedmesh/v1/{agent|client}/P/inbox`.
 pub const INBOX_OP: &str = "inbox";
 
+/// The op an agent withdraws with, and the one Last Will the agent API documents
+/// (`fedmesh/v1/agent/P/withdraw`). rumqttd itself publishes a Will when a connection ends
+/// without DISCONNECT, so the node receives this op through rumqttd (its link subscribes to
+/// it), not from the proxy: one path for explicit withdrawals and Wills, with rumqttd's Will
+/// semantics (delay, session takeover) intact.
+pub const WITHDRAW_OP: &str = "withdraw";
+
+/// The node link's subscriptions: what reaches the node through rumqttd rather than the proxy.
+pub(crate) const LINK_FILTERS: [&str; 1] = ["fedmesh/v1/agent/+/withdraw"];
+
+/// Whether a PUBLISH on a principal topic reaches the node through rumqttd (its link) rather
+/// than being handed over by the proxy.
+pub(crate) fn reaches_node_via_link(role: Role, op: &str) -> bool {
+    role == Role::Agent && op == WITHDRAW_OP
+}
+
 /// Whether the node itself may publish on `topic`.
 ///
 /// The node must never publish on a principal topic `fedmesh/v1/{agent|client}/X/op`

@@ -69,7 +69,8 @@
 //!
 //! So a message on `fedmesh/v1/{agent|client}/P/<op>` was published by principal `P`:
 //! the proxy hands exactly those PUBLISHes to the node as [`Inbound`] with
-//! `principal = P` (besides forwarding them to rumqttd); the node itself may not publish there
+//! `principal = P` (besides forwarding them to rumqttd; withdrawals, which may be a Will that
+//! rumqttd publishes, reach the node through its link); the node itself may not publish there
 //! ([`acl::node_may_publish`]). This stops an agent from advertising, withdrawing or
 //! answering as another agent, and from eavesdropping on another principal's namespace.
 //!
@@ -325,12 +326,13 @@ impl Broker {
             defences,
             sessions: Default::default(),
             shutdown: shutdown_rx.clone(),
-            to_node: inbound_tx,
+            to_node: inbound_tx.clone(),
         });
 
         let mut tasks = vec![
             runtime.spawn(link::receive(
                 link_rx,
+                inbound_tx.clone(),
                 metrics.clone(),
                 health.clone(),
                 shutdown_rx.clone(),

@@ -10,10 +10,13 @@
 //! crate-private). That loses nothing here: rumqttd delivers every message at the
 //! *subscription's* QoS anyway, and the hop into the router is an in-memory queue.
 //!
-//! The link only publishes: it subscribes to nothing. What principals publish to the node
-//! (`fedmesh/v1/{agent|client}/P/op`) is handed to the node by the front proxy, which
-//! parses every PUBLISH anyway (see `proxy`), and messages that do not fit the bounded
-//! inbound queue are dropped and counted (`inbound_dropped`).
+//! What principals publish to the node (`fedmesh/v1/{agent|client}/P/op`) is handed to the
+//! node by the front proxy, which parses every PUBLISH anyway (see `proxy`). The link
+//! subscribes only to withdrawals (`fedmesh/v1/agent/+/withdraw`, [`acl::LINK_FILTERS`]):
+//! rumqttd itself publishes an agent's Last Will there when its connection ends without
+//! DISCONNECT, so withdrawals, explicit or by Will, take this one path. The link subscribes at
+//! QoS 0: rumqttd reads from its commit log as fast as the link drains, and messages that do
+//! not fit the bounded inbound queue are dropped and counted (`inbound_dropped`).
 
 use std::sync::Arc;
 
@@ -102,15 +105,39 @@ pub(crate) fn check_outbound(msg: &Outbound, max_payload: usize) -> Result<(), B
     Ok(())
 }
 
-/// Creates the link and returns its two halves.
+/// Creates the link, subscribes it, and returns its two halves.
 pub(crate) fn open(router: &RouterHandle) -> Result<(LinkTx, LinkRx), BrokerError> {
-    router.link(LINK_CLIENT_ID)
+    let (mut tx, rx) = router.link(LINK_CLIENT_ID)?;
+    // The router handles events in order, so these subscriptions are in place before any
+    // client (whose listeners start later) can publish.
+    for f in acl::LINK_FILTERS {
+        tx.subscribe(f)?;
+    }
+    Ok((tx, rx))
 }
 
-/// Watches the link until shutdown: it subscribes to nothing, so what arrives are the
-/// router's notifications about the link itself.
+fn to_inbound(f: rumqttd::Forward) -> Option<Inbound> {
+    let topic = std::str::from_utf8(&f.publish.topic).ok()?;
+    let (role, principal, op) = acl::parse_principal_topic(topic)?;
+    let (response_topic, correlation_data) = match f.properties {
+        Some(p) => (p.response_topic, p.correlation_data),
+        None => (None, None),
+    };
+    Some(Inbound {
+        principal: principal.to_owned(),
+        role,
+        op: op.to_owned(),
+        topic: topic.to_owned(),
+        payload: f.publish.payload,
+        response_topic,
+        correlation_data,
+    })
+}
+
+/// Receives from the link until shutdown, feeding the bounded inbound queue.
 pub(crate) async fn receive(
     mut rx: LinkRx,
+    inbound: mpsc::Sender<Inbound>,
     metrics: Arc<Metrics>,
     health: Arc<HealthCell>,
     mut shutdown: watch::Receiver<bool>,
@@ -121,11 +148,14 @@ pub(crate) async fn receive(
             _ = shutdown.wait_for(|s| *s) => return,
         };
         match next {
-            Ok(Some(Notification::Forward(f))) => {
-                // Nothing is subscribed; a forward would be a rumqttd surprise.
-                Metrics::inc(&metrics.inbound_malformed);
-                debug!(topic = ?f.publish.topic, "unexpected message on the node link");
-            }
+            Ok(Some(Notification::Forward(f))) => match to_inbound(f) {
+                Some(msg) => {
+                    if inbound.try_send(msg).is_err() {
+                        Metrics::inc(&metrics.inbound_dropped);
+                    }
+                }
+                None => Metrics::inc(&metrics.inbound_malformed),
+            },
             // The router parks a link whose queue filled up until it says it is ready.
             Ok(Some(Notification::Unschedule)) => {
                 if let Err(e) = rx.wake().await {

@@ -79,7 +79,7 @@ metrics! {
     held_timeouts,
     /// Messages from the node dropped because the outbound queue was full.
     outbound_dropped,
-    /// Messages that reached the node's link, which subscribes to nothing (none expected).
+    /// Messages on the node link whose topic names no principal (none expected).
     inbound_malformed,
     /// Watchdog probes of rumqttd's internal listeners that failed.
     watchdog_failures,

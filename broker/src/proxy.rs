@@ -15,9 +15,10 @@
 //! A PUBLISH on a principal topic (`fedmesh/v1/{agent|client}/P/op`, the node's API) is
 //! also handed to the node directly, as an [`Inbound`], while it is forwarded to rumqttd
 //! as usual (which acknowledges it and serves any other subscriber). The node's in-process
-//! link no longer subscribes to those topics: the hand-off saves the proxy → rumqttd →
-//! router → link hops on every request and result (see ARCHITECTURE.md, "The node's API
-//! topics"). The node answers through rumqttd, so a PUBLISH that follows a SUBSCRIBE on
+//! link subscribes only to `fedmesh/v1/agent/+/withdraw` (withdrawals, explicit or a Last
+//! Will that rumqttd publishes, see [`acl::WITHDRAW_OP`]): the hand-off saves the proxy →
+//! rumqttd → router → link hops on every request and result (see ARCHITECTURE.md,
+//! `broker/`). The node answers through rumqttd, so a PUBLISH that follows a SUBSCRIBE on
 //! the same connection is handed over only once rumqttd has acknowledged that SUBSCRIBE
 //! ([`SubAcks`]): a reply is never published before the subscription it is meant for.
 //!
@@ -1022,6 +1023,7 @@ impl Session<'_> {
             }
             if let Some((role, _, op)) = acl::parse_principal_topic(&topic)
                 && op != acl::INBOX_OP
+                && !acl::reaches_node_via_link(role, op)
             {
                 self.hand_to_node(h, ph.header_len, role, &topic, client, uw)
                     .await?;

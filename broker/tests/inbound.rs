@@ -188,3 +188,61 @@ pub async fn alias_scenario(addr: std::net::SocketAddr) -> Vec<String> {
     }
     topics
 }
+
+#[tokio::test]
+async fn a_last_will_on_withdraw_reaches_the_node_and_an_explicit_withdraw_arrives_once() {
+    let (broker, mut inbound) = start(settings());
+    let addr = broker.local_addr_v4();
+    // An agent with the documented Last Will, whose connection then vanishes (no DISCONNECT).
+    let mut o = v4_options(addr, "willy", None);
+    o.set_last_will(rumqttc::LastWill::new(
+        "fedmesh/v1/agent/willy/withdraw",
+        "{}",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+    ));
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 8);
+    let (up_tx, mut up_rx) = mpsc::channel(1);
+    let conn = tokio::spawn(async move {
+        loop {
+            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) = el.poll().await {
+                let _ = up_tx.try_send(());
+            }
+        }
+    });
+    timeout(WAIT, up_rx.recv()).await.unwrap().unwrap();
+    conn.abort();
+    let _ = conn.await;
+    drop(client);
+    let will = timeout(WAIT, inbound.recv()).await.unwrap().unwrap();
+    assert_eq!(
+        (will.principal.as_str(), will.role, will.op.as_str()),
+        ("willy", Role::Agent, "withdraw"),
+        "{will:?}"
+    );
+
+    // An explicit withdrawal takes the same single path: the node gets it once.
+    let mut c = v4_client(v4_options(addr, "wanda", None));
+    c.connected().await.unwrap();
+    c.client
+        .publish(
+            "fedmesh/v1/agent/wanda/withdraw",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            "{}",
+        )
+        .await
+        .unwrap();
+    let got = timeout(WAIT, inbound.recv()).await.unwrap().unwrap();
+    assert_eq!(
+        (got.principal.as_str(), got.op.as_str()),
+        ("wanda", "withdraw")
+    );
+    assert!(
+        timeout(Duration::from_millis(300), inbound.recv())
+            .await
+            .is_err(),
+        "a withdrawal reached the node twice"
+    );
+    broker.shutdown().await;
+}
