@@ -290,3 +290,66 @@ async fn bad_payloads_get_errors_naming_the_field_and_the_node_keeps_serving() {
     serve_one(&mut agent, "echo", str::to_string).await;
     assert_eq!(req.expect("result").await.expect("result")["output"], "ok");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_vanishes_is_withdrawn_by_its_last_will() {
+    let node = TestNode::start().expect("node");
+    let listed = |s: &serde_json::Value| {
+        s["agents"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|x| x["id"].as_str().is_some_and(|i| i.starts_with("willy@")))
+        })
+    };
+    // The agent lifecycle of docs/agent-api.md: a Last Will of `{}` on its withdraw topic.
+    let mut o = rumqttc::MqttOptions::new("willy", "127.0.0.1", node.mqtt_v4);
+    o.set_keep_alive(Duration::from_secs(5));
+    o.set_last_will(rumqttc::LastWill::new(
+        "fedmesh/v1/agent/willy/withdraw",
+        "{}",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+    ));
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 16);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let conn = tokio::spawn(async move {
+        loop {
+            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = el.poll().await {
+                let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap_or_default();
+                let _ = tx.send(v).await;
+            }
+        }
+    });
+    client
+        .subscribe("fedmesh/v1/agent/willy/inbox", rumqttc::QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    client
+        .publish(
+            "fedmesh/v1/agent/willy/advertise",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&advert("Doubles numbers", 1)).expect("json"),
+        )
+        .await
+        .expect("advertise");
+    loop {
+        let v = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("an answer to the advertisement")
+            .expect("connection open");
+        if v["type"] == "advertised" {
+            break;
+        }
+        assert_ne!(v["type"], "error", "{v}");
+    }
+    node.wait_status("the agent is listed", Duration::from_secs(10), listed);
+    // The connection vanishes without a DISCONNECT: rumqttd publishes the Will.
+    conn.abort();
+    let _ = conn.await;
+    drop(client);
+    node.wait_status(
+        "the Will withdraws the agent",
+        Duration::from_secs(10),
+        |s| !listed(s),
+    );
+}
