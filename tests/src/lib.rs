@@ -377,14 +377,8 @@ pub mod mqtt {
         name: &str,
         idle: Duration,
     ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-        let mut agent = connect(port, name, &[&format!("fedmesh/v1/agent/{name}/inbox")]).await?;
-        agent
-            .send(
-                &format!("fedmesh/v1/agent/{name}/advertise"),
-                advert("Echoes its input back", u16::MAX),
-            )
-            .await?;
-        agent.expect("advertised").await?;
+        let (mut agent, _) =
+            advertised_agent(port, name, "Echoes its input back", u16::MAX).await?;
         let result_topic = format!("fedmesh/v1/agent/{name}/result");
         Ok(tokio::spawn(async move {
             while let Ok(t) = agent.expect_within("task", idle).await {
@@ -400,6 +394,26 @@ pub mod mqtt {
             .get(((sorted.len() as f64 - 1.0) * p).round() as usize)
             .copied()
             .unwrap_or_default()
+    }
+
+    /// Connects agent `name` to the node on `port`, subscribed to its inbox, advertises it with
+    /// `description` and `capacity`, and waits for the node's `advertised`, which it returns with
+    /// the client.
+    pub async fn advertised_agent(
+        port: u16,
+        name: &str,
+        description: &str,
+        capacity: u16,
+    ) -> anyhow::Result<(Client, serde_json::Value)> {
+        let mut agent = connect(port, name, &[&format!("fedmesh/v1/agent/{name}/inbox")]).await?;
+        agent
+            .send(
+                &format!("fedmesh/v1/agent/{name}/advertise"),
+                advert(description, capacity),
+            )
+            .await?;
+        let ack = agent.expect("advertised").await?;
+        Ok((agent, ack))
     }
 
     /// Advertise payload for a test agent.

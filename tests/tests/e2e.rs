@@ -4,25 +4,16 @@
 use std::time::Duration;
 
 use fedmesh_tests::TestNode;
-use fedmesh_tests::mqtt::{advert, connect};
+use fedmesh_tests::mqtt::{advert, advertised_agent, connect};
 use rumqttc::v5::mqttbytes::QoS as QoS5;
 use rumqttc::v5::mqttbytes::v5::{Packet as Packet5, PublishProperties};
 use rumqttc::v5::{AsyncClient as Client5, Event as Event5, MqttOptions as Options5};
 use serde_json::json;
 
 async fn echo_agent(node: &TestNode, name: &str, description: &str) -> fedmesh_tests::mqtt::Client {
-    let inbox = format!("fedmesh/v1/agent/{name}/inbox");
-    let mut agent = connect(node.mqtt_v4, name, &[&inbox])
+    let (agent, ack) = advertised_agent(node.mqtt_v4, name, description, 4)
         .await
-        .expect("agent connects");
-    agent
-        .send(
-            &format!("fedmesh/v1/agent/{name}/advertise"),
-            advert(description, 4),
-        )
-        .await
-        .expect("advertise");
-    let ack = agent.expect("advertised").await.expect("advertised ack");
+        .expect("agent advertised");
     assert_eq!(ack["version"].as_u64().map(|v| v > 0), Some(true), "{ack}");
     assert_eq!(ack["vcv_id"].as_str().map(str::len), Some(64), "{ack}");
     agent

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use fedmesh_tests::mqtt::{Client, advert, connect};
+use fedmesh_tests::mqtt::{Client, advertised_agent, connect};
 use fedmesh_tests::{TestNode, free_port, has_remote_agent};
 use serde_json::json;
 
@@ -38,17 +38,10 @@ fn peers(s: &serde_json::Value) -> usize {
 }
 
 async fn worker(node: &TestNode) -> Client {
-    let mut a = connect(node.mqtt_v4, "worker", &["fedmesh/v1/agent/worker/inbox"])
+    advertised_agent(node.mqtt_v4, "worker", "Doubles numbers", 4)
         .await
-        .expect("agent");
-    a.send(
-        "fedmesh/v1/agent/worker/advertise",
-        advert("Doubles numbers", 4),
-    )
-    .await
-    .expect("advertise");
-    a.expect("advertised").await.expect("ack");
-    a
+        .expect("agent advertised")
+        .0
 }
 
 async fn answer(a: &Client, task: &serde_json::Value) {

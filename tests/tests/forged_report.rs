@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use fedmesh_protocol::message::{Message, Outcome, TaskId};
 use fedmesh_protocol::{AgentId, AgentName, NodeId, sample, seal};
-use fedmesh_tests::mqtt::{advert, connect};
+use fedmesh_tests::mqtt::{advertised_agent, connect};
 use fedmesh_tests::{TestNode, free_port, has_remote_agent, http_get};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::request_response::{self, ProtocolSupport};
@@ -115,17 +115,9 @@ async fn forged_task_reports_over_request_response_are_refused_and_counted() {
     let c_id: NodeId = node_id(&c).parse().expect("C's node id");
 
     // An agent on C that holds its task until told to answer.
-    let mut holder = connect(c.mqtt_v4, "holder", &["fedmesh/v1/agent/holder/inbox"])
+    let (mut holder, _) = advertised_agent(c.mqtt_v4, "holder", "Doubles numbers", 4)
         .await
-        .expect("agent");
-    holder
-        .send(
-            "fedmesh/v1/agent/holder/advertise",
-            advert("Doubles numbers", 4),
-        )
-        .await
-        .expect("advertise");
-    holder.expect("advertised").await.expect("advertised");
+        .expect("agent advertised");
     a.wait_status("A learns C's agent", Duration::from_secs(20), |s| {
         has_remote_agent(s, "holder")
     });

@@ -6,7 +6,7 @@
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use fedmesh_tests::mqtt::{advert, connect};
+use fedmesh_tests::mqtt::{advertised_agent, connect};
 use fedmesh_tests::{TestNode, has_remote_agent};
 use serde_json::json;
 
@@ -68,16 +68,9 @@ async fn two_nodes_route_a_task_over_quic_only() {
         a.log()
     );
 
-    let mut w = connect(c.mqtt_v4, "worker", &["fedmesh/v1/agent/worker/inbox"])
+    let (mut w, _) = advertised_agent(c.mqtt_v4, "worker", "Doubles numbers", 4)
         .await
-        .expect("agent");
-    w.send(
-        "fedmesh/v1/agent/worker/advertise",
-        advert("Doubles numbers", 4),
-    )
-    .await
-    .expect("advertise");
-    w.expect("advertised").await.expect("ack");
+        .expect("agent advertised");
     a.wait_status("A learns C's agent", Duration::from_secs(20), |s| {
         has_remote_agent(s, "worker")
     });

@@ -4,23 +4,16 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use fedmesh_tests::TestNode;
-use fedmesh_tests::mqtt::{Client, advert, connect};
+use fedmesh_tests::mqtt::{Client, advertised_agent, connect};
 use serde_json::json;
 
 const TASKS: usize = 30;
 
 async fn agent(node: &TestNode) -> Client {
-    let mut a = connect(node.mqtt_v4, "worker", &["fedmesh/v1/agent/worker/inbox"])
+    advertised_agent(node.mqtt_v4, "worker", "Doubles numbers", 8)
         .await
-        .expect("agent");
-    a.send(
-        "fedmesh/v1/agent/worker/advertise",
-        advert("Doubles numbers", 8),
-    )
-    .await
-    .expect("advertise");
-    a.expect("advertised").await.expect("ack");
-    a
+        .expect("agent advertised")
+        .0
 }
 
 async fn answer(a: &mut Client, max: usize, within: Duration) -> usize {
