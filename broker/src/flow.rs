@@ -386,19 +386,9 @@ impl Conn<'_> {
         Metrics::inc(&self.flow.metrics.qos1_flow_waits);
         let low = self.flow.low;
         for s in behind {
-            let drained = tokio::time::timeout(self.flow.max_wait, async {
-                loop {
-                    let notified = s.drained.notified();
-                    tokio::pin!(notified);
-                    notified.as_mut().enable();
-                    if s.pending() <= low {
-                        return;
-                    }
-                    notified.await;
-                }
-            })
-            .await;
-            if drained.is_err() {
+            let gave_up =
+                crate::wait::until(&s.drained, self.flow.max_wait, || s.pending() <= low).await;
+            if gave_up {
                 s.pending.store(0, Ordering::Release);
                 Metrics::inc(&self.flow.metrics.qos1_flow_resyncs);
                 tracing::debug!(

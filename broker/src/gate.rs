@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
-use tokio::time::timeout;
 
 /// Longest the proxy holds a message for the node.
 pub(crate) const HOLD_LIMIT: Duration = Duration::from_secs(30);
@@ -100,19 +99,7 @@ impl Gate {
 
     /// Waits until `key` is released, at most `limit`; returns whether it gave up.
     pub(crate) async fn wait(&self, key: Held, limit: Duration) -> bool {
-        timeout(limit, async {
-            loop {
-                let released = self.released.notified();
-                tokio::pin!(released);
-                released.as_mut().enable();
-                if !self.is_held(key) {
-                    return;
-                }
-                released.await;
-            }
-        })
-        .await
-        .is_err()
+        crate::wait::until(&self.released, limit, || !self.is_held(key)).await
     }
 }
 

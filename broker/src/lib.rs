@@ -97,6 +97,7 @@ mod nodelay;
 mod proxy;
 mod sessions;
 mod settings;
+mod wait;
 mod watchdog;
 
 #[cfg(test)]
@@ -370,6 +371,11 @@ impl Broker {
     /// in `outbound_dropped`) when the outbound queue is full.
     pub fn publish(&self, msg: Outbound) -> Result<(), BrokerError> {
         link::check_outbound(&msg, self.limits.max_payload_bytes)?;
+        self.queue(msg)
+    }
+
+    /// Queues a checked message; a full queue is counted in `outbound_dropped`.
+    fn queue(&self, msg: Outbound) -> Result<(), BrokerError> {
         match self.outbound.try_send(msg) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -390,18 +396,8 @@ impl Broker {
         let key = self.gate.key(msg.topic.as_bytes(), &msg.payload);
         // Held before it is queued, so that no proxy connection can see it first.
         self.gate.hold(key);
-        let queued = match self.outbound.try_send(msg) {
-            Ok(()) => Ok(key),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                Metrics::inc(&self.metrics.outbound_dropped);
-                Err(BrokerError::QueueFull)
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(BrokerError::Stopped),
-        };
-        if queued.is_err() {
-            self.gate.release([key]);
-        }
-        queued
+        self.queue(msg).inspect_err(|_| self.gate.release([key]))?;
+        Ok(key)
     }
 
     /// Lets the proxy deliver messages queued by [`Broker::publish_held`].

@@ -163,19 +163,10 @@ impl SubAcks {
     /// Waits until every SUBSCRIBE forwarded so far is acknowledged, at most `limit`.
     /// Returns whether it had to give up.
     async fn settled(&self, limit: Duration) -> bool {
-        timeout(limit, async {
-            loop {
-                let acked = self.acked.notified();
-                tokio::pin!(acked);
-                acked.as_mut().enable();
-                if self.pending.load(Ordering::Acquire) == 0 {
-                    return;
-                }
-                acked.await;
-            }
+        crate::wait::until(&self.acked, limit, || {
+            self.pending.load(Ordering::Acquire) == 0
         })
         .await
-        .is_err()
     }
 }
 
@@ -1021,13 +1012,8 @@ impl Session<'_> {
                 self.alias_bytes = bytes;
                 self.aliases[usize::from(a)] = Some(topic.clone());
             }
-            if let Some((role, _, op)) = acl::parse_principal_topic(&topic)
-                && op != acl::INBOX_OP
-                && !acl::reaches_node_via_link(role, op)
-            {
-                self.hand_to_node(h, ph.header_len, role, &topic, client, uw)
-                    .await?;
-            }
+            self.hand_to_node(h, ph.header_len, &topic, client, uw)
+                .await?;
             // Charge the message to its subscribers before rumqttd can deliver it, or drop a
             // QoS 0 one that only reaches subscribers far behind (see `flow`).
             let behind = match self
@@ -1071,13 +1057,13 @@ impl Session<'_> {
     }
 
     /// Hands a PUBLISH on one of this principal's API topics to the node (see the module
-    /// docs), once rumqttd has acknowledged this connection's earlier SUBSCRIBEs. The
-    /// frame stays in `client`'s buffer, to be forwarded to rumqttd next.
+    /// docs), once rumqttd has acknowledged this connection's earlier SUBSCRIBEs; other topics
+    /// (and `inbox`, and what reaches the node through its link) are left alone. The frame
+    /// stays in `client`'s buffer, to be forwarded to rumqttd next.
     async fn hand_to_node<R, W>(
         &mut self,
         h: FixedHeader,
         variable_header_len: usize,
-        role: acl::Role,
         topic: &str,
         client: &mut FrameReader<R>,
         uw: &mut W,
@@ -1086,6 +1072,13 @@ impl Session<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        let Some((role, _, op)) = acl::parse_principal_topic(topic) else {
+            return Ok(());
+        };
+        if op == acl::INBOX_OP || acl::reaches_node_via_link(role, op) {
+            return Ok(());
+        }
+        let op = op.to_owned();
         let m = &self.sh.metrics;
         if self.sh.defences.node_publish_after_suback
             && self.subacks.pending.load(Ordering::Acquire) > 0
@@ -1115,7 +1108,7 @@ impl Session<'_> {
         let msg = Inbound {
             principal: self.principal.clone(),
             role,
-            op: topic.rsplit('/').next().unwrap_or_default().to_owned(),
+            op,
             topic: topic.to_owned(),
             payload: Bytes::copy_from_slice(body.get(variable_header_len..).unwrap_or_default()),
             response_topic,
