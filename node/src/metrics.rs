@@ -68,6 +68,9 @@ pub struct Metrics {
     pub p2p_out: Family<Kind, Counter>,
     /// Connected libp2p peers.
     pub p2p_peers: Gauge,
+    /// Request-response requests refused for their framing (announced length over the limit).
+    /// libp2p does not say which peer sent a request that failed to read, so this has no peer.
+    pub p2p_bad_framing: Counter,
 }
 
 impl Metrics {
@@ -89,6 +92,7 @@ impl Metrics {
             p2p_in: Family::default(),
             p2p_out: Family::default(),
             p2p_peers: Gauge::default(),
+            p2p_bad_framing: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("fedmesh");
         r.register(
@@ -137,6 +141,11 @@ impl Metrics {
             "p2p_rejected",
             "Federation messages rejected or ignored, by forwarding peer and reason",
             m.p2p_rejected.clone(),
+        );
+        r.register(
+            "p2p_bad_framing",
+            "Request-response requests refused for their framing (length over the limit)",
+            m.p2p_bad_framing.clone(),
         );
         r.register(
             "p2p_in",

@@ -171,7 +171,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         None => None,
     };
 
-    let swarm = p2p::swarm(&key, &cfg).context("starting libp2p")?;
+    let swarm =
+        p2p::swarm(&key, &cfg, metrics.p2p_bad_framing.clone()).context("starting libp2p")?;
     let (p2p, p2p_events) = p2p::start(
         swarm,
         &cfg.p2p.listen_addrs(),
