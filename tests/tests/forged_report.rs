@@ -1,7 +1,9 @@
 //! Issue #4.2, forgeries over request-response (gossip forgeries are `forger.rs`): a peer that
 //! knows a task's id (as a host that was once offered it does) sends the origin a `Result` and a
 //! `Progress`, signed by itself, for the agent that really runs the task on another node; then a
-//! result with a broken signature, bytes that are no envelope, and a request whose announced
+//! result with a broken signature, bytes that are no envelope, registry forgeries over the
+//! anti-entropy path (another node's agent advertised by the peer, a digest signed by another
+//! key, an exact-byte replay of its own advertisement: `duplicate`), and a request whose announced
 //! length is over the limit (refused without an answer, counted in
 //! `fedmesh_p2p_bad_framing_total`). The origin must refuse each,
 //! count it per peer under its reason (`host_mismatch`: a task report counts only when signed
@@ -210,11 +212,35 @@ async fn forged_task_reports_over_request_response_are_refused_and_counted() {
     let mut broken = report(&own, now + 2);
     let last = broken.len() - 1;
     broken[last] ^= 1;
-    let forged: [(&str, Vec<u8>); 4] = [
+    // Anti-entropy goes over request-response too (a sync answer is the owners' own signed
+    // advertisements, sent directly), so the same peer also tries registry forgeries there:
+    // an advertisement of another node's agent signed by itself, a digest signed by another
+    // key than its own, and an exact-byte replay of its own genuine advertisement.
+    let other = sample::key(79);
+    let mut stolen = sample::vcv(&other, "rr-stolen", 1, now);
+    stolen.agent = AgentId::new(other.node_id(), AgentName::new("rr-stolen").expect("name"));
+    let own_ad = report(
+        &Message::Advertise(sample::vcv(&fkey, "rr-own", 1, now)),
+        now + 3,
+    );
+    let foreign_digest = seal(
+        &sample::key(78),
+        now,
+        &Message::SyncDigest { entries: vec![] },
+    )
+    .expect("seal");
+    let forged: Vec<(&str, Vec<u8>)> = vec![
         ("host_mismatch", report(&progress, now)),
         ("host_mismatch", report(&result, now + 1)),
         ("bad_signature", broken),
         ("malformed", b"\x02 not an envelope".to_vec()),
+        (
+            "host_mismatch",
+            report(&Message::Advertise(stolen), now + 4),
+        ),
+        ("host_mismatch", foreign_digest),
+        ("accepted", own_ad.clone()),
+        ("duplicate", own_ad),
     ];
     for (_, bytes) in &forged {
         swarm.behaviour_mut().send_request(&a_peer, framed(bytes));
@@ -265,7 +291,7 @@ async fn forged_task_reports_over_request_response_are_refused_and_counted() {
     }
     assert_eq!(bad_framing(&a), 1, "the badly framed request is counted");
 
-    for reason in ["host_mismatch", "bad_signature", "malformed"] {
+    for reason in ["host_mismatch", "bad_signature", "malformed", "duplicate"] {
         let expected = forged.iter().filter(|(r, _)| *r == reason).count() as u64;
         assert_eq!(
             rejected(&a, &forger, reason),
@@ -273,6 +299,31 @@ async fn forged_task_reports_over_request_response_are_refused_and_counted() {
             "forged requests counted for the forger under {reason}"
         );
     }
+    // The genuine advertisement got in over request-response (so the second copy was a true
+    // replay); the stolen one did not.
+    let names = |s: &serde_json::Value| -> Vec<String> {
+        s["agents"]
+            .as_array()
+            .map(|l| {
+                l.iter()
+                    .filter_map(|x| {
+                        x["id"]
+                            .as_str()?
+                            .rsplit_once('@')
+                            .map(|(n, _)| n.to_string())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let status = a.wait_status("own advertisement listed", Duration::from_secs(10), |s| {
+        names(s).iter().any(|n| n == "rr-own")
+    });
+    let names = names(&status);
+    assert!(
+        !names.iter().any(|n| n == "rr-stolen"),
+        "stolen advertisement listed: {names:?}"
+    );
     // Neither reached the requester: no result, no status carrying the forged note.
     let early = tokio::time::timeout(Duration::from_millis(1500), async {
         loop {
