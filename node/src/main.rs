@@ -246,25 +246,12 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
 /// counts rumqttd's slow-subscriber drops whatever the filter (per-layer filters) and
 /// replaces rumqttd's per-jump warnings in the log by a summary at most once a second.
 fn init_tracing(filter: &str) {
-    use tracing_subscriber::filter::{FilterExt, filter_fn};
-    use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::{EnvFilter, Layer};
 
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_filter(
-            EnvFilter::new(filter).and(filter_fn(|m| !droplog::is_rumqttd_drop_callsite(m))),
-        );
-    let drops = droplog::DropLog::new(droplog::DropCounters::global());
-    let summarizer = drops.summarizer();
-    if tracing_subscriber::registry()
-        .with(fmt)
-        .with(drops.with_filter(droplog::DropLog::filter()))
-        .try_init()
-        .is_ok()
-    {
+    let (subscriber, summarizer) =
+        droplog::subscriber(&filter, droplog::DropCounters::global(), std::io::stderr);
+    if subscriber.try_init().is_ok() {
         summarizer.spawn();
     }
 }

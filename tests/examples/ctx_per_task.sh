@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Context switches per cross-node task, by thread class, summed over the nodes' processes
-# (BENCHMARKS.md, "Wake-ups per task"). Runs `federation_hops` (one task at a time, A → C)
-# with target/release/fedmesh, reads every node thread's voluntary + involuntary switch counts
-# from /proc twice, 3 s apart, and divides by the tasks submitted at A in between.
+# Context switches per cross-node task, by thread class, summed over the nodes' processes, and
+# the nodes' CPU time per task (BENCHMARKS.md, "Wake-ups per task"). Runs `federation_hops`
+# (one task at a time, A → C) with target/release/fedmesh, reads every node thread's voluntary
+# + involuntary switch counts and the processes' user + system time from /proc twice, 3 s
+# apart, and divides by the tasks submitted at A in between.
 #
 #   cargo build --release -p fedmesh-node --bin fedmesh -p fedmesh-tests --example federation_hops
 #   tests/examples/ctx_per_task.sh
@@ -23,11 +24,13 @@ snap() {
         done
     done | awk '{sub(/-[0-9]+$/, "", $1); a[$1] += $2} END {for (k in a) print k, a[k]}' | sort
 }
-s1=$(snap); t1=$(date +%s.%N)
+cpu() { for p in $(pgrep -x fedmesh); do awk '{print $14 + $15}' /proc/"$p"/stat; done | awk '{s += $1} END {print s}'; }
+s1=$(snap); c1=$(cpu); t1=$(date +%s.%N)
 sleep 3
-s2=$(snap); t2=$(date +%s.%N)
+s2=$(snap); c2=$(cpu); t2=$(date +%s.%N)
+hz=$(getconf CLK_TCK)
 wait "$run" || true
-python3 - "$s1" "$s2" "$t1" "$t2" "$out/hops/a.log" <<'PY'
+python3 - "$s1" "$s2" "$t1" "$t2" "$out/hops/a.log" "$c1" "$c2" "$hz" <<'PY'
 import datetime, re, sys
 s1 = dict(l.rsplit(" ", 1) for l in sys.argv[1].splitlines())
 s2 = dict(l.rsplit(" ", 1) for l in sys.argv[2].splitlines())
@@ -49,4 +52,6 @@ for k in sorted(s2):
     total += d
     print(f"{k:20} {d / n:6.1f} per task")
 print(f"{'all':20} {total / n:6.1f} per task")
+cpu_ms = (int(sys.argv[7]) - int(sys.argv[6])) / int(sys.argv[8]) * 1000
+print(f"{'CPU (both nodes)':20} {cpu_ms / n:6.3f} ms per task")
 PY
