@@ -454,12 +454,6 @@ pub(crate) fn memory_swarm_observed(
 /// (gossipsub's versions) still wait, as with `V1`. This removes one round trip from every
 /// request-response request (offers, results, anti-entropy).
 fn swarm_config(c: libp2p::swarm::Config) -> libp2p::swarm::Config {
-    let c = if std::env::var_os("FEDMESH_INLINE_CONN").is_some() {
-        let _ = c;
-        libp2p::swarm::Config::without_executor()
-    } else {
-        c
-    };
     c.with_idle_connection_timeout(Duration::from_secs(120))
         .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
 }
