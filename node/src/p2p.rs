@@ -938,6 +938,26 @@ pub struct EnvelopeCodec {
     bad_framing: Counter,
 }
 
+/// Allows one log line per second, from any thread.
+#[derive(Debug)]
+struct LogLimit(Mutex<Option<Instant>>);
+
+impl LogLimit {
+    fn allow(&self, now: Instant) -> bool {
+        let mut last = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+}
+
+static BAD_FRAMING_LOG: LogLimit = LogLimit(Mutex::new(None));
+
 /// Reads one `u32 little-endian length ‖ body` message of at most `max` body bytes. The reader
 /// is done when the body is in: it does not wait for the writer's close, which yamux sends as a
 /// separate frame.
@@ -1018,7 +1038,10 @@ impl request_response::Codec for EnvelopeCodec {
             && e.kind() == std::io::ErrorKind::InvalidData
         {
             self.bad_framing.inc();
-            tracing::warn!(error = %e, "request-response: refused a badly framed request");
+            // A peer chooses how often this happens: at most one line a second.
+            if BAD_FRAMING_LOG.allow(Instant::now()) {
+                tracing::warn!(error = %e, total = self.bad_framing.get(), "request-response: refused a badly framed request (at most one such line a second)");
+            }
         }
         read
     }
@@ -1064,6 +1087,15 @@ impl request_response::Codec for EnvelopeCodec {
 mod tests {
     use super::*;
     use fedmesh_protocol::{Message, sample};
+
+    #[test]
+    fn log_limit_allows_one_line_a_second() {
+        let l = LogLimit(Mutex::new(None));
+        let t = Instant::now();
+        assert!(l.allow(t));
+        assert!(!l.allow(t + Duration::from_millis(999)));
+        assert!(l.allow(t + Duration::from_millis(1000)));
+    }
 
     #[test]
     fn frames_round_trip_and_bad_frames_are_errors() {
