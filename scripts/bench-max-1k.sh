@@ -16,18 +16,10 @@ R=${1:-3}
 D=${2:-10s}
 WORK=$(mktemp -d)
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
 MP=$(free_port)
-cat >"$WORK/m.conf" <<C
-listener $MP 127.0.0.1
-allow_anonymous true
-set_tcp_nodelay true
-max_inflight_messages 100
-max_queued_messages 1000000
-max_queued_bytes 1048576
-persistence false
-log_dest none
-C
+mosquitto_conf "$MP" true >"$WORK/m.conf"
 "$MOSQUITTO" -c "$WORK/m.conf" >"$WORK/m.log" 2>&1 &
 MPID=$!
 NP=$(free_port); V5=$(free_port); H=$(free_port)
@@ -44,7 +36,9 @@ restore() {
   rm -rf "$WORK"
 }
 trap restore EXIT
-sleep 3
+wait_port "$MP" "$MPID"
+wait_port "$NP" "$NPID"
+sleep 1 # let the node finish starting (p2p, store)
 steal() { awk '/^cpu /{print $9}' /proc/stat; }
 damon_states=(on off)
 [ "$DAMON_WAS" = none ] && damon_states=(absent)

@@ -67,31 +67,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-USED_PORTS=" "
-free_port() {
-  local p
-  for _ in $(seq 200); do
-    p=$((20000 + RANDOM % 40000))
-    case "$USED_PORTS" in *" $p "*) continue ;; esac
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-      USED_PORTS+="$p "
-      echo "$p"
-      return
-    fi
-  done
-  echo "no free port found" >&2
-  exit 1
-}
-
-wait_port() { # port pid
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    kill -0 "$2" 2>/dev/null || { echo "process $2 exited before listening on $1" >&2; return 1; }
-    sleep 0.1
-  done
-  echo "nothing listens on $1" >&2
-  return 1
-}
+# shellcheck source=scripts/bench-lib.sh
+. "$ROOT/scripts/bench-lib.sh"
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
@@ -101,16 +78,7 @@ BROKERS=(mosquitto mosq-nagle node)
 start_mosquitto() { # name nodelay(true|false)
   local name=$1
   PORT[$name]=$(free_port)
-  cat >"$WORK/$name.conf" <<EOF
-listener ${PORT[$name]} 127.0.0.1
-allow_anonymous true
-set_tcp_nodelay $2
-max_inflight_messages 100
-max_queued_messages 1000000
-max_queued_bytes 1048576
-persistence false
-log_dest none
-EOF
+  mosquitto_conf "${PORT[$name]}" "$2" >"$WORK/$name.conf"
   "$MOSQUITTO" -c "$WORK/$name.conf" >"$WORK/$name.log" 2>&1 &
   PID[$name]=$!
   PIDS+=("${PID[$name]}")

@@ -61,22 +61,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() {
-  local p
-  for _ in $(seq 200); do
-    p=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
-  done
-  echo "no free port" >&2; exit 1
-}
-wait_port() { # port pid
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    kill -0 "$2" 2>/dev/null || { echo "process $2 exited before listening on $1" >&2; return 1; }
-    sleep 0.1
-  done
-  echo "nothing listens on $1" >&2; return 1
-}
+# shellcheck source=scripts/bench-lib.sh
+. "$ROOT/scripts/bench-lib.sh"
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 soak() { # name port pid
@@ -117,16 +103,7 @@ for b in $BROKERS; do
       ;;
     mosquitto)
       port=$(free_port)
-      cat >"$WORK/mosquitto.conf" <<EOF
-listener $port 127.0.0.1
-allow_anonymous true
-set_tcp_nodelay true
-max_inflight_messages 100
-max_queued_messages 1000000
-max_queued_bytes 1048576
-persistence false
-log_dest none
-EOF
+      mosquitto_conf "$port" true >"$WORK/mosquitto.conf"
       "$MOSQUITTO" -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 &
       pid=$!; PIDS+=("$pid")
       wait_port "$port" "$pid"
