@@ -81,6 +81,17 @@ pub fn parse_principal_topic(topic: &str) -> Option<(Role, &str, &str)> {
     Some((role, name, op))
 }
 
+/// The principal whose namespace `topic` is in (`fedmesh/v1/{agent|client}/P/…`, at least
+/// one level below `P`): the only principal that may subscribe to it.
+pub(crate) fn namespace_owner(topic: &str) -> Option<&str> {
+    let rest = topic.strip_prefix(NAMESPACE)?;
+    let mut it = rest.splitn(3, '/');
+    Role::parse(it.next()?)?;
+    let name = it.next()?;
+    let below = it.next()?;
+    (valid_name(name) && !below.is_empty()).then_some(name)
+}
+
 /// Whether principal `p` may publish on `topic` (see the module docs).
 pub fn may_publish(p: &str, topic: &str) -> bool {
     if topic.is_empty() || topic.contains(['+', '#', '\0']) {
@@ -212,6 +223,24 @@ mod tests {
         for bad in ["", "a/b", "a+b", "a#", "$a", "a b", "a:b", "é"] {
             assert!(!valid_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn namespace_owners() {
+        assert_eq!(namespace_owner("fedmesh/v1/agent/A/inbox"), Some("A"));
+        assert_eq!(namespace_owner("fedmesh/v1/client/A/reply/1"), Some("A"));
+        for none in [
+            "fedmesh/v1/agent/A",
+            "fedmesh/v1/agent/A/",
+            "fedmesh/v1/public/A/x",
+            "fedmesh/v1/agent/a:b/x",
+            "other/v1/agent/A/x",
+        ] {
+            assert_eq!(namespace_owner(none), None, "{none}");
+        }
+        // Whoever it names is the only principal that may subscribe to it.
+        assert!(may_subscribe("A", "fedmesh/v1/client/A/reply/#"));
+        assert!(!may_subscribe("B", "fedmesh/v1/client/A/reply/#"));
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub(crate) mod prop {
     pub(crate) const RESPONSE_TOPIC: u8 = 0x08;
     pub(crate) const CORRELATION_DATA: u8 = 0x09;
     pub(crate) const SUBSCRIPTION_ID: u8 = 0x0b;
+    pub(crate) const SESSION_EXPIRY: u8 = 0x11;
+    pub(crate) const RECEIVE_MAX: u8 = 0x21;
     pub(crate) const ASSIGNED_CLIENT_ID: u8 = 0x12;
     pub(crate) const AUTH_METHOD: u8 = 0x15;
     pub(crate) const TOPIC_ALIAS_MAX: u8 = 0x22;
@@ -322,6 +324,13 @@ impl Properties {
         self.get(id)
             .filter(|v| v.len() == 2)
             .map(|v| u16::from_be_bytes([v[0], v[1]]))
+    }
+
+    /// The value of four-byte-integer property `id`.
+    pub(crate) fn get_u32(&self, id: u8) -> Option<u32> {
+        self.get(id)
+            .filter(|v| v.len() == 4)
+            .map(|v| u32::from_be_bytes([v[0], v[1], v[2], v[3]]))
     }
 
     /// The payload of a string or binary property `id` (without its length prefix).
@@ -695,6 +704,9 @@ pub(crate) struct Subscribe {
     pub(crate) filters: Vec<String>,
     /// The maximum QoS requested for each filter, in the same order.
     pub(crate) qos: Vec<u8>,
+    /// v5: the SUBSCRIBE carries a Subscription Identifier (every message it matches must
+    /// carry it too).
+    pub(crate) sub_id: bool,
 }
 
 /// Parses a SUBSCRIBE body.
@@ -704,9 +716,13 @@ pub(crate) fn parse_subscribe(body: &[u8], version: Version) -> Result<Subscribe
     if pkid == 0 {
         return Err(CodecError::Malformed("packet id 0"));
     }
-    if version == Version::V5 {
-        Properties::parse(&mut r)?;
-    }
+    let sub_id = if version == Version::V5 {
+        Properties::parse(&mut r)?
+            .get(prop::SUBSCRIPTION_ID)
+            .is_some()
+    } else {
+        false
+    };
     let mut filters = Vec::new();
     let mut qos = Vec::new();
     while !r.is_empty() {
@@ -725,7 +741,12 @@ pub(crate) fn parse_subscribe(body: &[u8], version: Version) -> Result<Subscribe
     if filters.is_empty() {
         return Err(CodecError::Malformed("SUBSCRIBE without filters"));
     }
-    Ok(Subscribe { pkid, filters, qos })
+    Ok(Subscribe {
+        pkid,
+        filters,
+        qos,
+        sub_id,
+    })
 }
 
 /// Parses an UNSUBSCRIBE body into its topic filters.
@@ -745,6 +766,53 @@ pub(crate) fn parse_unsubscribe(body: &[u8], version: Version) -> Result<Vec<Str
         return Err(CodecError::Malformed("UNSUBSCRIBE without filters"));
     }
     Ok(filters)
+}
+
+/// Parses a SUBACK body into its packet id and return/reason codes.
+pub(crate) fn parse_suback(body: &[u8], version: Version) -> Result<(u16, Vec<u8>), CodecError> {
+    let mut r = Reader::new(body);
+    let pkid = r.u16()?;
+    if version == Version::V5 {
+        Properties::parse(&mut r)?;
+    }
+    let mut codes = Vec::new();
+    while !r.is_empty() {
+        codes.push(r.u8()?);
+    }
+    Ok((pkid, codes))
+}
+
+/// The packet id at the start of an acknowledgement's body (PUBACK, PUBREC, ...).
+pub(crate) fn ack_pkid(body: &[u8]) -> Result<u16, CodecError> {
+    Reader::new(body).u16()
+}
+
+/// A whole PUBLISH packet (no DUP, no retain; QoS 0 without a packet id). v5: at most one
+/// property, Correlation Data.
+pub(crate) fn encode_publish(
+    topic: &str,
+    pkid: Option<u16>,
+    correlation: Option<&[u8]>,
+    payload: &[u8],
+    version: Version,
+) -> BytesMut {
+    let mut body = BytesMut::with_capacity(2 + topic.len() + 2 + 8 + payload.len());
+    put_binary(&mut body, topic.as_bytes());
+    if let Some(id) = pkid {
+        body.put_u16(id);
+    }
+    if version == Version::V5 {
+        let mut props = Properties::default();
+        if let Some(c) = correlation {
+            let mut b = BytesMut::with_capacity(2 + c.len());
+            put_binary(&mut b, c);
+            props.items.push((prop::CORRELATION_DATA, b.freeze()));
+        }
+        props.encode(&mut body);
+    }
+    body.put_slice(payload);
+    let qos = if pkid.is_some() { 1 } else { 0 };
+    frame((PUBLISH << 4) | (qos << 1), &body)
 }
 
 /// A SUBACK with one return/reason code per filter.

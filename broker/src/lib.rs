@@ -87,6 +87,7 @@
 pub mod acl;
 mod codec;
 mod credentials;
+mod direct;
 mod error;
 mod flow;
 mod gate;
@@ -203,6 +204,7 @@ pub struct Broker {
     tasks: Vec<JoinHandle<()>>,
     internal: Arc<Internal>,
     gate: Arc<gate::Gate>,
+    direct: Arc<direct::Direct>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -307,8 +309,13 @@ impl Broker {
             internal.nodelay_count(),
         );
         let gate = Arc::new(gate::Gate::default());
+        let direct = Arc::new(direct::Direct::new(
+            defences.direct_delivery,
+            metrics.clone(),
+        ));
         let shared = Arc::new(ProxyShared {
             gate: gate.clone(),
+            direct: direct.clone(),
             metrics: metrics.clone(),
             limits: limits.clone(),
             anonymous: settings.anonymous,
@@ -362,6 +369,7 @@ impl Broker {
                 tasks,
                 internal,
                 gate,
+                direct,
             },
             inbound_rx,
         ))
@@ -371,6 +379,10 @@ impl Broker {
     /// in `outbound_dropped`) when the outbound queue is full.
     pub fn publish(&self, msg: Outbound) -> Result<(), BrokerError> {
         link::check_outbound(&msg, self.limits.max_payload_bytes)?;
+        let key = self.gate.key(msg.topic.as_bytes(), &msg.payload);
+        if self.direct.offer(&msg, key, false) {
+            return Ok(());
+        }
         self.queue(msg)
     }
 
@@ -394,6 +406,9 @@ impl Broker {
     pub fn publish_held(&self, msg: Outbound) -> Result<Held, BrokerError> {
         link::check_outbound(&msg, self.limits.max_payload_bytes)?;
         let key = self.gate.key(msg.topic.as_bytes(), &msg.payload);
+        if self.direct.offer(&msg, key, true) {
+            return Ok(key);
+        }
         // Held before it is queued, so that no proxy connection can see it first.
         self.gate.hold(key);
         self.queue(msg).inspect_err(|_| self.gate.release([key]))?;
@@ -402,12 +417,18 @@ impl Broker {
 
     /// Lets the proxy deliver messages queued by [`Broker::publish_held`].
     pub fn release(&self, held: impl IntoIterator<Item = Held>) {
+        let held: Vec<Held> = held.into_iter().collect();
+        self.direct.release(&held);
         self.gate.release(held);
     }
 
     /// Queues a message for publishing, waiting for queue capacity.
     pub async fn publish_wait(&self, msg: Outbound) -> Result<(), BrokerError> {
         link::check_outbound(&msg, self.limits.max_payload_bytes)?;
+        let key = self.gate.key(msg.topic.as_bytes(), &msg.payload);
+        if self.direct.offer(&msg, key, false) {
+            return Ok(());
+        }
         self.outbound
             .send(msg)
             .await

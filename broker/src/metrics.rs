@@ -100,6 +100,18 @@ metrics! {
     /// QoS 0 publishes dropped by the proxy because every subscriber they reach is more than
     /// half a commit log behind (rumqttd would drop them for those subscribers anyway).
     qos0_dropped_early,
+    /// Copies of the node's messages written to a principal's connections by the proxy
+    /// directly, not through rumqttd (see `direct`).
+    direct_delivered,
+    /// Node messages on a principal's topic that had to go through rumqttd (persistent
+    /// session, shared or identified subscription, full queue, nobody subscribed, ...).
+    direct_fallbacks,
+    /// Node messages on a principal's topic that no live connection of the principal
+    /// subscribes to (and no persistent session may): delivered to nobody, as rumqttd would.
+    direct_unsubscribed,
+    /// Connections that stopped taking direct messages because rumqttd used a packet id
+    /// in the direct range (none expected with rumqttd 0.20).
+    direct_pkid_conflicts,
 }
 
 impl Metrics {

@@ -18,9 +18,12 @@
 //! link subscribes only to `fedmesh/v1/agent/+/withdraw` (withdrawals, explicit or a Last
 //! Will that rumqttd publishes, see [`acl::WITHDRAW_OP`]): the hand-off saves the proxy →
 //! rumqttd → router → link hops on every request and result (see ARCHITECTURE.md,
-//! `broker/`). The node answers through rumqttd, so a PUBLISH that follows a SUBSCRIBE on
+//! `broker/`). The node's answers are matched against the subscriptions rumqttd granted
+//! (directly, see [`crate::direct`], or by rumqttd), so a PUBLISH that follows a SUBSCRIBE on
 //! the same connection is handed over only once rumqttd has acknowledged that SUBSCRIBE
-//! ([`SubAcks`]): a reply is never published before the subscription it is meant for.
+//! ([`SubAcks`]): a reply is never published before the subscription it is meant for. The
+//! broker-side task writes the node's direct messages between rumqttd's frames, and the
+//! client-side task keeps the client's PUBACKs for them from rumqttd.
 //!
 //! rumqttd's listener-killing panic needs a connection refused *after* its CONNECT was
 //! accepted for processing: a client id the router rejects (`+ $ # /`), a full router,
@@ -45,6 +48,7 @@ use tracing::{debug, info, warn};
 use crate::acl;
 use crate::codec::{self, CodecError, Connect, FixedHeader, Version, prop};
 use crate::credentials::CredentialStore;
+use crate::direct::{self, Direct};
 use crate::flow::{self, Flow, Subscriber};
 use crate::gate::{self, Gate};
 use crate::internal::{Endpoints, InternalAuth};
@@ -101,6 +105,8 @@ pub(crate) struct Defences {
     /// Hand a node-bound PUBLISH to the node only after rumqttd acknowledged the
     /// connection's earlier SUBSCRIBEs (else the node's reply can overtake them).
     pub(crate) node_publish_after_suback: bool,
+    /// Write the node's messages to a principal's connections directly (see `direct`).
+    pub(crate) direct_delivery: bool,
 }
 
 impl Default for Defences {
@@ -112,6 +118,7 @@ impl Default for Defences {
             upstream_quickack: true,
             qos1_flow_control: true,
             node_publish_after_suback: true,
+            direct_delivery: true,
         }
     }
 }
@@ -137,6 +144,8 @@ pub(crate) struct ProxyShared {
     pub(crate) to_node: mpsc::Sender<Inbound>,
     /// Messages of the node held until it has flushed what they say (see `gate`).
     pub(crate) gate: Arc<Gate>,
+    /// The node's messages written to principals' connections directly.
+    pub(crate) direct: Arc<Direct>,
 }
 
 /// SUBSCRIBEs of one connection forwarded to rumqttd and not yet acknowledged: the
@@ -797,6 +806,10 @@ async fn connection(
 
     // 4. Relay.
     let (inject_tx, inject_rx) = mpsc::channel(INJECT_DEPTH);
+    let (registration, direct_rx) =
+        sh.direct
+            .register(&admitted.principal, &inner, inner.keep_alive);
+    let direct = registration.conn.clone();
     let flow = sh.flow.connection();
     let meter = flow.meter();
     let subacks = Arc::new(SubAcks::default());
@@ -810,13 +823,15 @@ async fn connection(
         denial_logged: false,
         inject: inject_tx,
         flow,
+        direct: direct.clone(),
     };
     let (result, taken_over) = tokio::select! {
         r = session.client_to_broker(&mut client, &mut uw) => (r, false),
-        r = broker_to_client(&mut up, &mut cw, inject_rx, sh, version, &meter, &subacks) => (r, false),
+        r = broker_to_client(&mut up, &mut cw, (inject_rx, direct_rx), sh, version, &meter, (&subacks, &direct)) => (r, false),
         _ = takeover.superseded() => (Ok(()), true),
     };
     drop(session);
+    drop(registration);
     if taken_over {
         info!(%peer, client_id = %admitted.client_id, "session taken over by a new connection");
         if version == Version::V5 {
@@ -875,6 +890,8 @@ struct Session<'a> {
     flow: flow::Conn<'a>,
     /// This connection's SUBSCRIBEs not yet acknowledged by rumqttd.
     subacks: Arc<SubAcks>,
+    /// This connection's subscriptions and packet ids for direct delivery.
+    direct: Arc<direct::Conn>,
 }
 
 impl Session<'_> {
@@ -951,6 +968,18 @@ impl Session<'_> {
                 codec::CONNECT => return Err(ConnError::Protocol("second CONNECT")),
                 codec::AUTH => {
                     return Err(ConnError::Protocol("AUTH without an authentication method"));
+                }
+                codec::PUBACK => {
+                    client.ensure(h.frame_len()).await?;
+                    let pkid = codec::ack_pkid(&client.buf[h.header_len..h.frame_len()])?;
+                    match self.direct.puback(pkid) {
+                        direct::Ack::Forward => client.forward(h.frame_len(), uw).await?,
+                        direct::Ack::Keep => client.skip(h.frame_len()).await?,
+                        direct::Ack::KeepAndPing => {
+                            client.skip(h.frame_len()).await?;
+                            uw.write_all(&[codec::PINGREQ << 4, 0]).await?;
+                        }
+                    }
                 }
                 codec::DISCONNECT => {
                     client.forward(h.frame_len(), uw).await?;
@@ -1144,6 +1173,7 @@ impl Session<'_> {
             .any(|f| f.starts_with('$') && !f.starts_with("$share/"));
         if denied.is_empty() && !unsupported {
             self.flow.subscribed(&sub.filters, &sub.qos);
+            self.direct.subscribing(&sub);
             self.subacks.sent();
             return client.forward(h.frame_len(), uw).await;
         }
@@ -1180,6 +1210,7 @@ impl Session<'_> {
         let filters =
             codec::parse_unsubscribe(client.body(&h, SUBSCRIBE_CAP).await?, self.version)?;
         self.flow.unsubscribed(&filters);
+        self.direct.unsubscribed(&filters);
         client.forward(h.frame_len(), uw).await
     }
 
@@ -1207,11 +1238,11 @@ async fn write_client<W: AsyncWrite + Unpin>(
 async fn broker_to_client<R, W>(
     up: &mut FrameReader<R>,
     cw: &mut W,
-    mut inject: mpsc::Receiver<Inject>,
+    (mut inject, mut direct_rx): (mpsc::Receiver<Inject>, mpsc::Receiver<BytesMut>),
     sh: &ProxyShared,
     version: Version,
     meter: &Subscriber,
-    subacks: &SubAcks,
+    (subacks, direct): (&SubAcks, &direct::Conn),
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin,
@@ -1220,7 +1251,11 @@ where
     let m = &sh.metrics;
     let low = sh.flow.low();
     loop {
-        // The proxy's own frames go out between broker frames, never inside one.
+        // The proxy's own frames and the node's direct messages go out between broker
+        // frames, never inside one.
+        while let Ok(f) = direct_rx.try_recv() {
+            write_client(cw, &f, m).await?;
+        }
         while let Ok(i) = inject.try_recv() {
             match i {
                 Inject::Frame(f) => write_client(cw, &f, m).await?,
@@ -1249,6 +1284,7 @@ where
                     }
                     None => return Ok(()),
                 },
+                Some(f) = direct_rx.recv() => write_client(cw, &f, m).await?,
                 more = up.fill() => {
                     if !more? {
                         let _ = timeout(WRITE_STALL, cw.flush()).await;
@@ -1259,6 +1295,31 @@ where
             continue;
         };
         codec::check_server_flags(&h)?;
+        match h.kind() {
+            codec::PINGRESP if direct.pingresp() => {
+                // The answer to a PINGREQ of the proxy's own (see `direct`).
+                up.skip(h.frame_len()).await?;
+                continue;
+            }
+            codec::SUBACK => {
+                up.ensure(h.frame_len()).await?;
+                let (pkid, codes) =
+                    codec::parse_suback(&up.buf[h.header_len..h.frame_len()], version)?;
+                direct.suback(pkid, &codes);
+            }
+            codec::PUBLISH if h.flags() & 0x06 != 0 => {
+                // The packet id follows the topic.
+                up.ensure(h.header_len + 2).await?;
+                let at = h.header_len;
+                let topic_len = usize::from(u16::from_be_bytes([up.buf[at], up.buf[at + 1]]));
+                if 4 + topic_len <= h.remaining {
+                    up.ensure(h.header_len + 4 + topic_len).await?;
+                    let at = at + 2 + topic_len;
+                    direct.rumqttd_pkid(u16::from_be_bytes([up.buf[at], up.buf[at + 1]]), m);
+                }
+            }
+            _ => {}
+        }
         if version == Version::V5 && h.kind() == codec::PUBLISH && sh.defences.refuse_server_aliases
         {
             let inspect = h.remaining.min(INSPECT_CAP);
@@ -1271,6 +1332,18 @@ where
                 tracing::error!(%topic, "rumqttd sent a server topic alias; closing the connection");
                 return Err(ConnError::ServerAlias);
             }
+        }
+        if h.kind() == codec::PUBLISH && direct.is_behind() {
+            // One of the node's messages that went through rumqttd: direct messages may
+            // follow once all of them are through (see `direct`).
+            up.ensure(h.frame_len()).await?;
+            let body = &up.buf[h.header_len..h.frame_len()];
+            let (topic_len, header_len) = codec::publish_layout(h.flags(), body, version)?;
+            let topic = body.get(2..2 + topic_len).unwrap_or_default();
+            direct.relayed(
+                sh.gate
+                    .key(topic, body.get(header_len..).unwrap_or_default()),
+            );
         }
         if h.kind() == codec::PUBLISH && !sh.gate.is_empty() {
             // A message of the node's may wait here for the flush that makes it true.
