@@ -462,19 +462,7 @@ async fn qos1_slow_subscriber_loses_nothing_with_flow_control() {
 
 /// Reads one MQTT frame (fixed header + body) from `s`; returns its first byte.
 async fn read_frame(s: &mut tokio::net::TcpStream) -> u8 {
-    let first = s.read_u8().await.unwrap();
-    let (mut len, mut shift) = (0usize, 0);
-    loop {
-        let b = s.read_u8().await.unwrap();
-        len |= usize::from(b & 0x7f) << shift;
-        shift += 7;
-        if b & 0x80 == 0 {
-            break;
-        }
-    }
-    let mut body = vec![0; len];
-    s.read_exact(&mut body).await.unwrap();
-    first
+    read_whole_frame(s).await.0
 }
 
 /// A client subscribes to its reply topic and submits at once, without waiting for the
