@@ -826,6 +826,11 @@ pub(crate) fn encode_suback(pkid: u16, codes: &[u8], version: Version) -> BytesM
     frame(SUBACK << 4, &body)
 }
 
+/// A v3.1.1 acknowledgement (`kind`: PUBACK, PUBREC, ...) of packet id `pkid`.
+pub(crate) fn encode_ack_v4(kind: u8, pkid: u16) -> BytesMut {
+    frame(kind << 4, &pkid.to_be_bytes())
+}
+
 /// A v5 PUBACK or PUBREC (`kind`) with a reason code.
 pub(crate) fn encode_ack_v5(kind: u8, pkid: u16, reason: u8) -> BytesMut {
     let mut body = BytesMut::with_capacity(4);

@@ -40,7 +40,7 @@
 //! and written when the node releases it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -125,6 +125,8 @@ pub(crate) struct Conn {
     /// The client's v5 Maximum Packet Size, if it gave one.
     max_packet: Option<usize>,
     keep_alive: Duration,
+    /// QoS ≥ 1 PUBLISHes of the client forwarded to rumqttd and not yet acknowledged by it.
+    publishes_at_rumqttd: AtomicU32,
     tx: mpsc::Sender<BytesMut>,
     /// `!state.behind.is_empty()`, read without the lock for every relayed PUBLISH.
     behind: AtomicBool,
@@ -219,6 +221,7 @@ impl Direct {
                 None
             },
             keep_alive: Duration::from_secs(u64::from(keep_alive)),
+            publishes_at_rumqttd: AtomicU32::new(0),
             tx,
             behind: AtomicBool::new(false),
             state: Mutex::new(ConnState {
@@ -366,6 +369,38 @@ impl Direct {
         false
     }
 
+    /// Whether a PUBLISH of `principal` on `topic` (a node API topic, already handed to the
+    /// node) can be answered by the proxy instead of going to rumqttd: no connection of the
+    /// principal subscribes to it (granted or asked), no persistent session of it may, and
+    /// `conn` has no QoS ≥ 1 PUBLISH at rumqttd awaiting its acknowledgement (MQTT orders
+    /// a connection's PUBACKs like its PUBLISHes).
+    pub(crate) fn keeps(&self, principal: &str, topic: &str, conn: &Conn) -> bool {
+        if !self.enabled || conn.publishes_at_rumqttd.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        let conns = {
+            let map = lock(&self.principals);
+            match map.get(principal) {
+                Some(p) if !p.persistent => p.conns.clone(),
+                _ => return false,
+            }
+        };
+        let subscribed = conns.iter().any(|c| {
+            let st = lock(&c.state);
+            st.off
+                || st.granted.iter().any(|s| s.matches(topic))
+                || st
+                    .pending
+                    .iter()
+                    .any(|(_, subs)| subs.iter().any(|s| s.matches(topic)))
+        });
+        if subscribed {
+            return false;
+        }
+        Metrics::inc(&self.metrics.direct_kept);
+        true
+    }
+
     /// Writes the frames of held messages (see [`Direct::offer`]).
     pub(crate) fn release(&self, keys: &[Held]) {
         let mut ready = Vec::new();
@@ -482,12 +517,37 @@ impl Conn {
             return Ack::Forward;
         };
         st.inflight.swap_remove(i);
-        if !self.keep_alive.is_zero() && st.last_ping.elapsed() >= self.keep_alive / 2 {
-            st.last_ping = Instant::now();
-            st.synthetic_pings += 1;
+        if self.ping_due_locked(&mut st) {
             return Ack::KeepAndPing;
         }
         Ack::Keep
+    }
+
+    /// The proxy kept a packet of the client's from rumqttd: whether to send rumqttd a
+    /// PINGREQ now (at most every half Keep Alive; see the module docs).
+    pub(crate) fn ping_due(&self) -> bool {
+        self.ping_due_locked(&mut lock(&self.state))
+    }
+
+    fn ping_due_locked(&self, st: &mut ConnState) -> bool {
+        if !self.keep_alive.is_zero() && st.last_ping.elapsed() >= self.keep_alive / 2 {
+            st.last_ping = Instant::now();
+            st.synthetic_pings += 1;
+            return true;
+        }
+        false
+    }
+
+    /// A QoS ≥ 1 PUBLISH of the client's was forwarded to rumqttd.
+    pub(crate) fn forwarded_publish(&self) {
+        self.publishes_at_rumqttd.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// rumqttd acknowledged one (PUBACK or PUBREC to the client).
+    pub(crate) fn publish_acked(&self) {
+        let _ = self
+            .publishes_at_rumqttd
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
     /// rumqttd answered a PINGREQ: returns whether the proxy sent it (drop the PINGRESP).
@@ -783,6 +843,34 @@ mod tests {
             props.get_binary(codec::prop::CORRELATION_DATA),
             Some(&b"corr"[..])
         );
+    }
+
+    #[test]
+    fn api_publishes_are_kept_from_rumqttd_only_when_nobody_else_can_get_them() {
+        let d = direct();
+        let (r, _rx) = d.register("p", &connect(Version::V4, true), 60);
+        let submit = "fedmesh/v1/client/p/submit";
+        assert!(d.keeps("p", submit, &r.conn));
+        // A QoS 1 PUBLISH of this connection is at rumqttd: its PUBACK must come first.
+        r.conn.forwarded_publish();
+        assert!(!d.keeps("p", submit, &r.conn));
+        r.conn.publish_acked();
+        assert!(d.keeps("p", submit, &r.conn));
+        // The principal subscribes to its own submit topic (asked, then granted).
+        r.conn.subscribing(&codec::Subscribe {
+            pkid: 1,
+            filters: vec!["fedmesh/v1/client/p/+".into()],
+            qos: vec![0],
+            sub_id: false,
+        });
+        assert!(!d.keeps("p", submit, &r.conn));
+        r.conn.suback(1, &[0]);
+        assert!(!d.keeps("p", submit, &r.conn));
+        r.conn.unsubscribed(&["fedmesh/v1/client/p/+".into()]);
+        assert!(d.keeps("p", submit, &r.conn));
+        // A persistent session of the principal may subscribe while absent.
+        drop(d.register("p", &connect(Version::V4, false), 60));
+        assert!(!d.keeps("p", submit, &r.conn));
     }
 
     #[test]

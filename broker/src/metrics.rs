@@ -109,6 +109,9 @@ metrics! {
     /// Node messages on a principal's topic that no live connection of the principal
     /// subscribes to (and no persistent session may): delivered to nobody, as rumqttd would.
     direct_unsubscribed,
+    /// PUBLISHes on node API topics the proxy answered itself instead of forwarding them to
+    /// rumqttd (nobody but the node could receive them; see `direct`).
+    direct_kept,
     /// Connections that stopped taking direct messages because rumqttd used a packet id
     /// in the direct range (none expected with rumqttd 0.20).
     direct_pkid_conflicts,

@@ -13,8 +13,9 @@
 //! checked for server topic aliases.
 //!
 //! A PUBLISH on a principal topic (`fedmesh/v1/{agent|client}/P/op`, the node's API) is
-//! also handed to the node directly, as an [`Inbound`], while it is forwarded to rumqttd
-//! as usual (which acknowledges it and serves any other subscriber). The node's in-process
+//! also handed to the node directly, as an [`Inbound`], and forwarded to rumqttd as usual
+//! (which acknowledges it and serves any other subscriber), unless nobody but the node could
+//! receive it: then the proxy acknowledges it itself ([`crate::direct::Direct::keeps`]). The node's in-process
 //! link subscribes only to `fedmesh/v1/agent/+/withdraw` (withdrawals, explicit or a Last
 //! Will that rumqttd publishes, see [`acl::WITHDRAW_OP`]): the hand-off saves the proxy →
 //! rumqttd → router → link hops on every request and result (see ARCHITECTURE.md,
@@ -1041,8 +1042,29 @@ impl Session<'_> {
                 self.alias_bytes = bytes;
                 self.aliases[usize::from(a)] = Some(topic.clone());
             }
-            self.hand_to_node(h, ph.header_len, &topic, client, uw)
+            let handed = self
+                .hand_to_node(h, ph.header_len, &topic, client, uw)
                 .await?;
+            if handed
+                && ph.qos <= 1
+                && h.flags() & 0x01 == 0
+                && self.sh.direct.keeps(&self.principal, &topic, &self.direct)
+            {
+                // The node has it and no client could receive it through rumqttd: answer
+                // here instead of forwarding (see `direct`).
+                client.skip(h.frame_len()).await?;
+                if let Some(pkid) = ph.pkid {
+                    let ack = match self.version {
+                        Version::V4 => codec::encode_ack_v4(codec::PUBACK, pkid),
+                        Version::V5 => codec::encode_ack_v5(codec::PUBACK, pkid, 0),
+                    };
+                    self.inject(ack).await?;
+                }
+                if self.direct.ping_due() {
+                    uw.write_all(&[codec::PINGREQ << 4, 0]).await?;
+                }
+                return Ok(());
+            }
             // Charge the message to its subscribers before rumqttd can deliver it, or drop a
             // QoS 0 one that only reaches subscribers far behind (see `flow`).
             let behind = match self
@@ -1052,6 +1074,9 @@ impl Session<'_> {
                 flow::Charge::Forward(behind) => behind,
                 flow::Charge::Drop => return client.skip(h.frame_len()).await,
             };
+            if ph.qos > 0 {
+                self.direct.forwarded_publish();
+            }
             client.forward(h.frame_len(), uw).await?;
             if !behind.is_empty() {
                 // Let rumqttd have what is buffered, then stop reading from this client
@@ -1096,16 +1121,16 @@ impl Session<'_> {
         topic: &str,
         client: &mut FrameReader<R>,
         uw: &mut W,
-    ) -> Result<(), ConnError>
+    ) -> Result<bool, ConnError>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
         let Some((role, _, op)) = acl::parse_principal_topic(topic) else {
-            return Ok(());
+            return Ok(false);
         };
         if op == acl::INBOX_OP || acl::reaches_node_via_link(role, op) {
-            return Ok(());
+            return Ok(false);
         }
         let op = op.to_owned();
         let m = &self.sh.metrics;
@@ -1145,8 +1170,9 @@ impl Session<'_> {
         };
         if self.sh.to_node.try_send(msg).is_err() {
             Metrics::inc(&m.inbound_dropped);
+            return Ok(false);
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn subscribe<R, W>(
@@ -1301,6 +1327,7 @@ where
                 up.skip(h.frame_len()).await?;
                 continue;
             }
+            codec::PUBACK | codec::PUBREC => direct.publish_acked(),
             codec::SUBACK => {
                 up.ensure(h.frame_len()).await?;
                 let (pkid, codes) =

@@ -685,9 +685,9 @@ async fn direct_and_relayed_qos1_messages_share_a_connection() {
 #[tokio::test]
 async fn a_client_that_only_acknowledges_direct_messages_stays_connected() {
     // Keep Alive 2 s: rumqttd closes a connection it heard nothing from for 3 s. This client
-    // sends nothing but PUBACKs for the node's direct messages, which the proxy keeps from
-    // rumqttd, and no PINGREQ (it need not: it is sending packets). The proxy pings rumqttd
-    // for it.
+    // sends nothing but PUBACKs for the node's direct messages and submits to the node, which
+    // the proxy both keeps from rumqttd, and no PINGREQ (it need not: it is sending packets).
+    // The proxy pings rumqttd for it.
     let (broker, _inbound) = Broker::start_with(settings(), Defences::default()).unwrap();
     let mut s = tokio::net::TcpStream::connect(broker.local_addr_v4())
         .await
@@ -724,6 +724,14 @@ async fn a_client_that_only_acknowledges_direct_messages_stays_connected() {
         s.write_all(&[0x40, 2, body[at], body[at + 1]])
             .await
             .unwrap();
+        if i % 2 == 0 {
+            // A QoS 0 submit to the node, which the proxy keeps from rumqttd too.
+            let topic = b"fedmesh/v1/client/ka/submit";
+            let mut p = vec![0x30, (2 + topic.len() + 2) as u8, 0, topic.len() as u8];
+            p.extend_from_slice(topic);
+            p.extend_from_slice(b"{}");
+            s.write_all(&p).await.unwrap();
+        }
         i += 1;
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -744,5 +752,51 @@ async fn a_client_that_only_acknowledges_direct_messages_stays_connected() {
     assert!(body.ends_with(b"last"));
     drop(publ);
     assert!(broker.metrics().direct_delivered >= 10);
+    assert!(broker.metrics().direct_kept >= 5);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_proxy_answers_node_api_publishes_nobody_else_can_receive() {
+    // A submit reaches the node from the proxy; when no connection of the principal
+    // subscribes to the topic, rumqttd has nobody to give it to, so the proxy acknowledges it
+    // itself. Once the principal subscribes to its own namespace, rumqttd must see it again
+    // (the client gets its own message back, as MQTT 3.1.1 and rumqttd do).
+    let (broker, mut inbound) = Broker::start_with(settings(), Defences::default()).unwrap();
+    let addr = broker.local_addr_v5().unwrap();
+    let mut o = MqttOptions::new("api", addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(5));
+    let (c, mut rx) = client(o);
+    next(&mut rx, |p| matches!(p, P5::ConnAck(_)).then_some(())).await;
+    let submit = "fedmesh/v1/client/api/submit";
+    c.publish(submit, Q5::AtLeastOnce, false, "one")
+        .await
+        .unwrap();
+    next(&mut rx, |p| matches!(p, P5::PubAck(_)).then_some(()))
+        .await
+        .expect("PUBACK");
+    let got = timeout(WAIT, inbound.recv()).await.unwrap().unwrap();
+    assert_eq!(&got.payload[..], b"one");
+    assert_eq!(broker.metrics().direct_kept, 1);
+
+    c.subscribe("fedmesh/v1/client/api/#", Q5::AtLeastOnce)
+        .await
+        .unwrap();
+    next(&mut rx, |p| matches!(p, P5::SubAck(_)).then_some(()))
+        .await
+        .unwrap();
+    c.publish(submit, Q5::AtLeastOnce, false, "two")
+        .await
+        .unwrap();
+    let echo = next(&mut rx, |p| match p {
+        P5::Publish(p) => Some(p.payload),
+        _ => None,
+    })
+    .await
+    .expect("the client's own message back from rumqttd");
+    assert_eq!(&echo[..], b"two");
+    let got = timeout(WAIT, inbound.recv()).await.unwrap().unwrap();
+    assert_eq!(&got.payload[..], b"two");
+    assert_eq!(broker.metrics().direct_kept, 1);
     broker.shutdown().await;
 }
