@@ -835,9 +835,15 @@ impl SwarmTask {
                     if self.connected.contains(&peer) {
                         continue;
                     }
+                    // From a fresh port, not the listen port: peers on a LAN find each other
+                    // at the same moment and dial each other at once, and two dials between
+                    // the same two listen ports are one TCP simultaneous open, on which both
+                    // sides start the handshake as the dialer and fail (seen in CI: the mDNS
+                    // test's nodes never connected). Fresh ports give two connections instead.
                     let opts = DialOpts::peer_id(peer)
                         .addresses(self.mdns.addresses(&peer).to_vec())
                         .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .allocate_new_port()
                         .build();
                     if let Err(e) = self.swarm.dial(opts) {
                         tracing::debug!(%peer, error = %e, "dialling an mDNS peer failed");
