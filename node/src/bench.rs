@@ -190,7 +190,7 @@ async fn gossip(a: GossipArgs) -> anyhow::Result<()> {
                     Event::Request { id, .. } => {
                         h2.send(Command::Respond { id, frames: vec![] });
                     }
-                    Event::Response { .. } => {}
+                    Event::Response { .. } | Event::RegistrySubscribed(_) => {}
                 }
             }
         });

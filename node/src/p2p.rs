@@ -139,6 +139,10 @@ pub enum Event {
     Connected(PeerId),
     /// Last connection to a peer closed.
     Disconnected(PeerId),
+    /// A connected peer subscribed to [`REGISTRY_TOPIC`]: from now on gossip reaches it.
+    /// Whatever this node advertised between the connection (whose anti-entropy digest was
+    /// sent then) and this moment reached it by neither, so the node sends another digest.
+    RegistrySubscribed(PeerId),
 }
 
 /// What `/status` shows about the mesh.
@@ -790,6 +794,12 @@ impl SwarmTask {
                     }
                 }
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed {
+                peer_id,
+                topic,
+            })) if topic.as_str() == REGISTRY_TOPIC => {
+                self.emit(Event::RegistrySubscribed(peer_id), "registry_subscribed");
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
                 message_id,
@@ -1172,6 +1182,13 @@ mod tests {
         let p2 = peer_id(&k2.node_id()).expect("pid");
         next(e1, |e| matches!(e, Event::Connected(p) if *p == p2)).await;
         next(e2, |e| matches!(e, Event::Connected(p) if *p == p1)).await;
+        // Node 1 hears when node 2's registry subscription arrives (the node answers it with
+        // an anti-entropy digest).
+        next(
+            e1,
+            |e| matches!(e, Event::RegistrySubscribed(p) if *p == p2),
+        )
+        .await;
 
         // Gossip: publish (new versions: gossipsub drops identical payloads) until node 2 has
         // subscribed and receives one.

@@ -536,6 +536,14 @@ impl Node {
                     self.pump_gossip();
                 }
             }
+            Event::RegistrySubscribed(peer) => {
+                if let Some(node) = p2p::node_id(&peer) {
+                    // Anti-entropy again: what we advertised since the connection's digest
+                    // was gossiped to nobody on this peer's side (see `Event`).
+                    self.gossip.peer_up(node, now_ms());
+                    self.pump_gossip();
+                }
+            }
             Event::Disconnected(peer) => {
                 self.fed.connected.remove(&peer);
                 if let Some(node) = p2p::node_id(&peer) {
