@@ -10,8 +10,8 @@ use std::str::FromStr;
 
 use fedmesh_protocol::envelope::{ENVELOPE_VERSION, MIN_ENVELOPE_BYTES};
 use fedmesh_protocol::{
-    AgentId, Message, NodeId, NodeKey, Rejection, TaskId, content_id, open, open_batch, sample,
-    seal,
+    AgentId, CHANNEL_VERSION, Message, NodeId, NodeKey, Rejection, TaskId, content_id, open,
+    open_batch, open_channel, sample, seal,
 };
 
 /// The fixed clock of every envelope target: the seed envelopes are valid at this instant.
@@ -40,7 +40,7 @@ const HEADER_LEN: usize = 1 + 32 + 8;
 /// Signature length.
 const SIG_LEN: usize = 64;
 
-/// `fedmesh_protocol::open` at [`NOW_MS`].
+/// `fedmesh_protocol::open` at [`NOW_MS`], then [`check_open_channel`] on the same bytes.
 ///
 /// On success the envelope must describe exactly the input bytes: signer and time from the header,
 /// a body that is the canonical encoding of the message, the content id of the signed bytes, and a
@@ -60,6 +60,43 @@ pub fn check_open(data: &[u8]) {
             assert_eq!(content_id(data), Some(env.id));
             assert_eq!(env.message.validate_static(&env.signer), Ok(()));
             let _ = format!("{env:?} {} {}", env.id, env.message.kind());
+        }
+        Err(r) => exercise_rejection(&r),
+    }
+    check_open_channel(data);
+}
+
+/// `fedmesh_protocol::open_channel` at [`NOW_MS`], from the peer the header names (the only one
+/// it can succeed for) and from another.
+///
+/// On success: a channel envelope of that peer, with a canonical body of a task message that
+/// passes static validation. From any other peer it must fail.
+fn check_open_channel(data: &[u8]) {
+    let Some(named) = data.get(1..33).map(|b| {
+        let mut k = [0u8; 32];
+        k.copy_from_slice(b);
+        NodeId(k)
+    }) else {
+        assert!(open_channel(data, &NodeId([0; 32]), NOW_MS).is_err());
+        return;
+    };
+    match open_channel(data, &named, NOW_MS) {
+        Ok(env) => {
+            assert_eq!(data[0], CHANNEL_VERSION);
+            assert_eq!(env.signer, named);
+            assert!(env.message.travels_unsigned());
+            let canonical = postcard::to_allocvec(&env.message).expect("re-encode");
+            assert_eq!(
+                canonical,
+                &data[HEADER_LEN..],
+                "accepted body is not canonical"
+            );
+            assert_eq!(env.message.validate_static(&env.signer), Ok(()));
+            let mut other = named.0;
+            other[0] ^= 1;
+            assert!(open_channel(data, &NodeId(other), NOW_MS).is_err());
+            // A channel envelope never opens as a signed one.
+            assert!(open(data, NOW_MS).is_err());
         }
         Err(r) => exercise_rejection(&r),
     }

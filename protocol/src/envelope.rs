@@ -34,6 +34,14 @@ pub const SIGNATURE_DOMAIN: &[u8] = b"fedmesh/v1 signed envelope\0";
 /// The blake3 key-derivation context of content ids.
 pub const CONTENT_ID_CONTEXT: &str = "fedmesh/v1 envelope content id";
 
+/// The version byte of a *channel* envelope: the same layout without the signature, for the
+/// task messages ([`Message::travels_unsigned`]) that go only from their sender to one peer over
+/// a connection that authenticates the sender (libp2p noise or TLS under the node key, so the
+/// connection's `PeerId` is the sender's `NodeId`). The receiver checks the claimed signer
+/// against that peer ([`open_channel`]); [`open`] refuses these bytes, so they cannot travel by
+/// gossip or be stored as a signed record.
+pub const CHANNEL_VERSION: u8 = 0x80 | ENVELOPE_VERSION;
+
 const HEADER_LEN: usize = 1 + 32 + 8;
 const SIG_LEN: usize = 64;
 /// The smallest possible envelope.
@@ -85,14 +93,58 @@ pub fn seal(key: &NodeKey, sent_at_ms: u64, message: &Message) -> Result<Vec<u8>
     Ok(bytes)
 }
 
+/// Encodes `message` as a channel envelope from `sender` (see [`CHANNEL_VERSION`]): no
+/// signature, for a connection that authenticates the sender. Only task messages travel so;
+/// anything else fails with [`Rejection::Malformed`].
+pub fn seal_channel(
+    sender: &NodeId,
+    sent_at_ms: u64,
+    message: &Message,
+) -> Result<Vec<u8>, Rejection> {
+    if !message.travels_unsigned() {
+        return Err(Rejection::Malformed("only task messages travel unsigned"));
+    }
+    let mut bytes = Vec::with_capacity(256);
+    bytes.push(CHANNEL_VERSION);
+    bytes.extend_from_slice(sender.as_bytes());
+    bytes.extend_from_slice(&sent_at_ms.to_le_bytes());
+    let bytes = postcard::to_extend(message, bytes).map_err(|_| Rejection::Malformed("encode"))?;
+    check_size(message, bytes.len() - HEADER_LEN, bytes.len())?;
+    Ok(bytes)
+}
+
+/// Whether `bytes` claim to be a channel envelope (see [`CHANNEL_VERSION`]).
+pub fn is_channel(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&CHANNEL_VERSION)
+}
+
+/// Decodes and validates a channel envelope received from `peer` over a connection that
+/// authenticated `peer`, at time `now_ms`. The sender it names must be `peer`
+/// ([`Rejection::HostMismatch`]) and its message a task message.
+pub fn open_channel(bytes: &[u8], peer: &NodeId, now_ms: u64) -> Result<Envelope, Rejection> {
+    check_len(bytes)?;
+    let version = bytes[0];
+    if version != CHANNEL_VERSION {
+        return Err(Rejection::UnknownVersion(version));
+    }
+    let parts = decode_content(bytes, bytes.len())?;
+    if parts.signer != *peer {
+        return Err(Rejection::HostMismatch);
+    }
+    if !parts.message.travels_unsigned() {
+        return Err(Rejection::Malformed("a registry message must be signed"));
+    }
+    parts.finish(now_ms)
+}
+
 /// Decodes, verifies (strictly) and validates one envelope at time `now_ms`.
 pub fn open(bytes: &[u8], now_ms: u64) -> Result<Envelope, Rejection> {
-    let parts = decode(bytes)?;
+    let (parts, signature) = decode(bytes)?;
     let key = parts
         .signer
         .verifying_key()
         .ok_or(Rejection::BadSignature)?;
-    key.verify_strict(&signed_message(parts.signed), &parts.signature)
+    key.verify_strict(&signed_message(parts.signed), &signature)
         .map_err(|_| Rejection::BadSignature)?;
     parts.finish(now_ms)
 }
@@ -102,12 +154,13 @@ pub fn open(bytes: &[u8], now_ms: u64) -> Result<Envelope, Rejection> {
 /// When the batch fails, each envelope is verified on its own so that one forgery does not take
 /// down its neighbours. Results are in input order.
 pub fn open_batch(items: &[&[u8]], now_ms: u64) -> Vec<Result<Envelope, Rejection>> {
-    let decoded: Vec<Result<Parts<'_>, Rejection>> = items.iter().map(|b| decode(b)).collect();
+    let decoded: Vec<Result<(Parts<'_>, Signature), Rejection>> =
+        items.iter().map(|b| decode(b)).collect();
     let mut messages = Vec::with_capacity(items.len());
     let mut sigs = Vec::with_capacity(items.len());
     let mut keys = Vec::with_capacity(items.len());
     let mut all_keys_ok = true;
-    for p in decoded.iter().flatten() {
+    for (p, signature) in decoded.iter().flatten() {
         // verify_batch skips verify_strict's weak-key check: with a small-order signer key,
         // anyone could "sign" anything. Such keys are never batched (each item then gets
         // verify_strict, which refuses them).
@@ -116,17 +169,17 @@ pub fn open_batch(items: &[&[u8]], now_ms: u64) -> Vec<Result<Envelope, Rejectio
             _ => all_keys_ok = false,
         }
         messages.push(signed_message(p.signed));
-        sigs.push(p.signature);
+        sigs.push(*signature);
     }
     let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
     let batch_ok = all_keys_ok && ed25519_dalek::verify_batch(&refs, &sigs, &keys).is_ok();
     decoded
         .into_iter()
         .map(|p| {
-            let p = p?;
+            let (p, signature) = p?;
             if !batch_ok {
                 let key = p.signer.verifying_key().ok_or(Rejection::BadSignature)?;
-                key.verify_strict(&signed_message(p.signed), &p.signature)
+                key.verify_strict(&signed_message(p.signed), &signature)
                     .map_err(|_| Rejection::BadSignature)?;
             }
             p.finish(now_ms)
@@ -140,12 +193,13 @@ pub fn content_id(bytes: &[u8]) -> Option<ContentId> {
     Some(ContentId(blake3::derive_key(CONTENT_ID_CONTEXT, signed)))
 }
 
+/// A decoded envelope before its signature (if any) and clock checks.
 struct Parts<'a> {
     signer: NodeId,
     sent_at_ms: u64,
     message: Message,
+    /// The bytes the content id (and the signature, if any) cover.
     signed: &'a [u8],
-    signature: Signature,
 }
 
 impl Parts<'_> {
@@ -175,18 +229,24 @@ impl Parts<'_> {
     }
 }
 
-/// Everything that needs neither the signature nor the clock: framing, decoding, canonical form
-/// and static validation.
-fn decode(bytes: &[u8]) -> Result<Parts<'_>, Rejection> {
+fn check_len(bytes: &[u8]) -> Result<(), Rejection> {
     if bytes.len() > MAX_ENVELOPE_BYTES {
         return Err(Rejection::Oversize {
             len: bytes.len(),
             max: MAX_ENVELOPE_BYTES,
         });
     }
-    let version = *bytes
-        .first()
-        .ok_or(Rejection::Malformed("empty envelope"))?;
+    if bytes.is_empty() {
+        return Err(Rejection::Malformed("empty envelope"));
+    }
+    Ok(())
+}
+
+/// Everything that needs neither the signature nor the clock: framing, decoding, canonical form
+/// and static validation.
+fn decode(bytes: &[u8]) -> Result<(Parts<'_>, Signature), Rejection> {
+    check_len(bytes)?;
+    let version = bytes[0];
     if version != ENVELOPE_VERSION {
         return Err(Rejection::UnknownVersion(version));
     }
@@ -196,6 +256,18 @@ fn decode(bytes: &[u8]) -> Result<Parts<'_>, Rejection> {
         ));
     }
     let (signed, sig) = bytes.split_at(bytes.len() - SIG_LEN);
+    let parts = decode_content(signed, bytes.len())?;
+    let mut sig_bytes = [0u8; SIG_LEN];
+    sig_bytes.copy_from_slice(sig);
+    Ok((parts, Signature::from_bytes(&sig_bytes)))
+}
+
+/// Decodes the header and body of `signed` (an envelope of `total_len` bytes without its
+/// signature): canonical form, size and static validation.
+fn decode_content(signed: &[u8], total_len: usize) -> Result<Parts<'_>, Rejection> {
+    if signed.len() <= HEADER_LEN {
+        return Err(Rejection::Malformed("envelope shorter than its header"));
+    }
     let mut signer = [0u8; 32];
     signer.copy_from_slice(&signed[1..33]);
     let mut sent = [0u8; 8];
@@ -210,17 +282,14 @@ fn decode(bytes: &[u8]) -> Result<Parts<'_>, Rejection> {
     if canonical != body {
         return Err(Rejection::NonCanonical);
     }
-    check_size(&message, body.len(), bytes.len())?;
+    check_size(&message, body.len(), total_len)?;
     let signer = NodeId(signer);
     message.validate_static(&signer)?;
-    let mut sig_bytes = [0u8; SIG_LEN];
-    sig_bytes.copy_from_slice(sig);
     Ok(Parts {
         signer,
         sent_at_ms: u64::from_le_bytes(sent),
         message,
         signed,
-        signature: Signature::from_bytes(&sig_bytes),
     })
 }
 

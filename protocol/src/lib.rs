@@ -10,7 +10,9 @@
 //! * [`vcv`]: the Versioned Capability Vector after Federation of Agents (arXiv 2509.20175).
 //! * [`message`]: every federation message.
 //! * [`envelope`]: the one canonical signed encoding; [`open`] turns bytes into a verified
-//!   [`Envelope`] or a typed [`Rejection`].
+//!   [`Envelope`] or a typed [`Rejection`]. Task messages between two nodes may also travel
+//!   as its unsigned variant over an authenticated connection ([`seal_channel`],
+//!   [`open_channel`]).
 //! * [`limits`]: every limit as a named constant.
 //! * [`gossip`]: the replicated capability registry of one node (eager push, re-advertisement,
 //!   expiry, anti-entropy), sans-IO.
@@ -32,7 +34,10 @@ pub mod sim;
 pub mod task;
 pub mod vcv;
 
-pub use envelope::{ContentId, Envelope, content_id, open, open_batch, seal};
+pub use envelope::{
+    CHANNEL_VERSION, ContentId, Envelope, content_id, is_channel, open, open_batch, open_channel,
+    seal, seal_channel,
+};
 pub use error::{Acceptance, Rejection};
 pub use keys::{AgentId, AgentName, IdError, NodeId, NodeKey};
 pub use message::{AgentLoad, DeclineReason, DigestEntry, Message, Outcome, TaskId, TaskSpec};

@@ -229,6 +229,23 @@ pub enum Message {
 }
 
 impl Message {
+    /// Whether this message may travel as a channel envelope, unsigned, from its sender to one
+    /// peer over a connection that authenticates the sender (see
+    /// [`crate::envelope::CHANNEL_VERSION`]): the task messages between an origin and a host.
+    /// Registry messages and heartbeats are relayed or stored, so they are always signed.
+    pub fn travels_unsigned(&self) -> bool {
+        matches!(
+            self,
+            Message::Offer { .. }
+                | Message::Accept { .. }
+                | Message::Decline { .. }
+                | Message::Progress { .. }
+                | Message::Result { .. }
+        )
+    }
+}
+
+impl Message {
     /// A short name of the variant, for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -385,3 +385,102 @@ proptest! {
         let _ = open(&bytes, NOW);
     }
 }
+
+mod channel {
+    //! Channel envelopes: task messages without a signature, for a connection that
+    //! authenticates the sender.
+    use super::*;
+    use fedmesh_protocol::{
+        AgentId, AgentName, CHANNEL_VERSION, TaskId, is_channel, open_channel, seal_channel,
+    };
+
+    fn accept(host: &fedmesh_protocol::NodeKey) -> Message {
+        Message::Accept {
+            task: TaskId([7; 16]),
+            agent: AgentId::new(host.node_id(), AgentName::new("ocr").expect("name")),
+        }
+    }
+
+    #[test]
+    fn opens_from_the_authenticated_peer_only() {
+        let host = sample::key(2);
+        let bytes = seal_channel(&host.node_id(), NOW, &accept(&host)).expect("seal");
+        assert!(is_channel(&bytes));
+        assert_eq!(bytes[0], CHANNEL_VERSION);
+        let env = open_channel(&bytes, &host.node_id(), NOW).expect("open");
+        assert_eq!(env.signer, host.node_id());
+        assert_eq!(env.message, accept(&host));
+        // Another peer sending the same bytes claims to be the host: refused.
+        assert_eq!(
+            open_channel(&bytes, &sample::key(3).node_id(), NOW),
+            Err(Rejection::HostMismatch)
+        );
+        // A signed-envelope reader refuses them: they cannot pass for signed.
+        assert_eq!(
+            open(&bytes, NOW),
+            Err(Rejection::UnknownVersion(CHANNEL_VERSION))
+        );
+        // A signed envelope is not a channel envelope either.
+        let signed = seal(&host, NOW, &accept(&host)).expect("seal");
+        assert!(!is_channel(&signed));
+        assert_eq!(
+            open_channel(&signed, &host.node_id(), NOW),
+            Err(Rejection::UnknownVersion(ENVELOPE_VERSION))
+        );
+    }
+
+    #[test]
+    fn registry_messages_are_never_unsigned() {
+        let host = sample::key(1);
+        let advert = Message::Advertise(base());
+        assert!(!advert.travels_unsigned());
+        assert!(matches!(
+            seal_channel(&host.node_id(), NOW, &advert),
+            Err(Rejection::Malformed(_))
+        ));
+        // Hand-made: the signed bytes of an advertisement, relabelled as a channel envelope.
+        let mut forged = sealed(&base());
+        forged.truncate(forged.len() - 64);
+        forged[0] = CHANNEL_VERSION;
+        assert!(matches!(
+            open_channel(&forged, &host.node_id(), NOW),
+            Err(Rejection::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn the_same_checks_as_signed_envelopes() {
+        let host = sample::key(2);
+        let mut bytes = seal_channel(&host.node_id(), NOW, &accept(&host)).expect("seal");
+        // Issued too far in the future.
+        let late = seal_channel(&host.node_id(), NOW + 3_600_000, &accept(&host)).expect("seal");
+        assert!(matches!(
+            open_channel(&late, &host.node_id(), NOW),
+            Err(Rejection::IssuedInFuture { .. })
+        ));
+        // An Accept naming another node's agent (validate_static).
+        let other = Message::Accept {
+            task: TaskId([7; 16]),
+            agent: AgentId::new(
+                sample::key(3).node_id(),
+                AgentName::new("ocr").expect("name"),
+            ),
+        };
+        let b = seal_channel(&host.node_id(), NOW, &other).expect("seal");
+        assert_eq!(
+            open_channel(&b, &host.node_id(), NOW),
+            Err(Rejection::HostMismatch)
+        );
+        // Trailing bytes, truncation, oversize.
+        bytes.push(0);
+        assert!(open_channel(&bytes, &host.node_id(), NOW).is_err());
+        assert!(open_channel(&bytes[..20], &host.node_id(), NOW).is_err());
+        assert!(open_channel(&[], &host.node_id(), NOW).is_err());
+        let mut big = vec![CHANNEL_VERSION; MAX_ENVELOPE_BYTES + 1];
+        big[0] = CHANNEL_VERSION;
+        assert!(matches!(
+            open_channel(&big, &host.node_id(), NOW),
+            Err(Rejection::Oversize { .. })
+        ));
+    }
+}

@@ -1202,6 +1202,13 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         }
     }
     add("open", "empty", vec![]);
+    // Channel envelopes of the task messages (`check_open` also runs `open_channel`).
+    for (i, m) in valid_messages().iter().enumerate() {
+        if m.travels_unsigned() {
+            let bytes = fedmesh_protocol::seal_channel(&key().node_id(), NOW, m).expect("seal");
+            add("open", &format!("channel {i:02}-{}", m.kind()), bytes);
+        }
+    }
     add("message", "garbage", vec![0xff; 40]);
     add("message", "unknown variant", vec![11, 0, 0, 0]);
     add("message", "overlong variant truncated", vec![0x81, 0x00, 1]);

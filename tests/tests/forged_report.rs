@@ -5,7 +5,8 @@
 //! anti-entropy path (another node's agent advertised by the peer, a digest signed by another
 //! key, an exact-byte replay of its own advertisement: `duplicate`), and a request whose announced
 //! length is over the limit (refused without an answer, counted in
-//! `fedmesh_p2p_bad_framing_total`). The origin must refuse each,
+//! `fedmesh_p2p_bad_framing_total`); and the same through unsigned channel envelopes (a sender
+//! other than the authenticated peer, another node's agent, a relabelled advertisement). The origin must refuse each,
 //! count it per peer under its reason (`host_mismatch`: a task report counts only when signed
 //! by the node that hosts the agent, `Message::validate_static`), answer every request (so the
 //! node's request handling keeps going), keep the task running, and deliver the genuine result
@@ -15,7 +16,7 @@
 use std::time::Duration;
 
 use fedmesh_protocol::message::{Message, Outcome, TaskId};
-use fedmesh_protocol::{AgentId, AgentName, NodeId, sample, seal};
+use fedmesh_protocol::{AgentId, AgentName, CHANNEL_VERSION, NodeId, sample, seal, seal_channel};
 use fedmesh_tests::mqtt::{advertised_agent, connect};
 use fedmesh_tests::{TestNode, free_port, has_remote_agent, http_get};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
@@ -229,7 +230,22 @@ async fn forged_task_reports_over_request_response_are_refused_and_counted() {
         &Message::SyncDigest { entries: vec![] },
     )
     .expect("seal");
+    // Task reports also travel as unsigned channel envelopes, whose sender is checked against
+    // the noise-authenticated peer: one that claims to come from C (the real host) over the
+    // forger's own connection, one from the forger naming C's agent, and a signed
+    // advertisement relabelled as a channel envelope (registry messages are always signed).
+    let claims_c = seal_channel(&c_id, now + 5, &result).expect("seal");
+    let names_c = seal_channel(&fkey.node_id(), now + 6, &result).expect("seal");
+    let mut relabelled = report(
+        &Message::Advertise(sample::vcv(&fkey, "rr-relabelled", 1, now)),
+        now + 7,
+    );
+    relabelled.truncate(relabelled.len() - 64);
+    relabelled[0] = CHANNEL_VERSION;
     let forged: Vec<(&str, Vec<u8>)> = vec![
+        ("host_mismatch", claims_c),
+        ("host_mismatch", names_c),
+        ("malformed", relabelled),
         ("host_mismatch", report(&progress, now)),
         ("host_mismatch", report(&result, now + 1)),
         ("bad_signature", broken),

@@ -17,7 +17,8 @@
 //!   - `Unhandled` (offers, progress, results) → the task-offer code below.
 //! * **Heartbeats** every [`HEARTBEAT_EVERY`] on [`HEARTBEAT_TOPIC`]: the load of each local
 //!   agent → `Tasks::set_remote_load` at the receivers.
-//! * **Offers.** `Output::Deliver` for a remote agent becomes a sealed `Offer` sent by
+//! * **Offers.** `Output::Deliver` for a remote agent becomes an `Offer` (a channel envelope:
+//!   unsigned, the noise-authenticated connection vouches for the sender) sent by
 //!   request-response to the agent's node. The host checks that the agent is local and has
 //!   capacity, persists a [`Hosted`] record and flushes **before** it answers `Accept`, then
 //!   delivers to the agent's inbox. A `Decline`, an error or a timeout (`routing.offer_timeout_ms`)
@@ -209,6 +210,16 @@ pub(crate) fn receive_registry_gossip(
     (acceptance.unwrap_or(MessageAcceptance::Ignore), rest)
 }
 
+/// Opens the answer to a request sent to `peer`: a channel envelope must come from `peer` (the
+/// connection the request went out on authenticated it); a signed one is verified.
+fn open_answer(bytes: &[u8], peer: &NodeId, now: u64) -> Result<Envelope, Rejection> {
+    if fedmesh_protocol::is_channel(bytes) {
+        fedmesh_protocol::open_channel(bytes, peer, now)
+    } else {
+        fedmesh_protocol::open(bytes, now)
+    }
+}
+
 impl Node {
     fn tag(&mut self, p: Pending) -> u64 {
         self.fed.next_tag += 1;
@@ -239,8 +250,17 @@ impl Node {
         self.p2p.send(Command::Respond { id, frames });
     }
 
+    /// Seals a federation message: task messages (offers, answers, progress, results) as
+    /// channel envelopes, unsigned, because they travel only to one peer over a connection
+    /// that authenticates this node (see `fedmesh_protocol::CHANNEL_VERSION`); everything else
+    /// signed.
     fn seal(&self, m: &Message, now: u64) -> Option<Vec<u8>> {
-        match fedmesh_protocol::seal(&self.key, now, m) {
+        let sealed = if m.travels_unsigned() {
+            fedmesh_protocol::seal_channel(&self.id, now, m)
+        } else {
+            fedmesh_protocol::seal(&self.key, now, m)
+        };
+        match sealed {
             Ok(b) => Some(b),
             Err(e) => {
                 self.metrics.error("p2p_seal");
@@ -641,14 +661,29 @@ impl Node {
             self.respond(id, vec![]);
             return Ok(());
         };
-        // The core opens it: registry messages (anti-entropy) are its own, the rest comes back
-        // as `Unhandled`.
-        self.gossip.receive(node, Via::Direct, data.into(), now);
-        let unhandled = self.pump_gossip();
-        self.dirty = true;
-        let Some((_, env)) = unhandled else {
-            self.respond(id, vec![]);
-            return Ok(());
+        let env = if fedmesh_protocol::is_channel(data) {
+            // A task message, unsigned: noise authenticated the peer, which must be its sender.
+            self.dirty = true;
+            match fedmesh_protocol::open_channel(data, &node, now) {
+                Ok(env) => Box::new(env),
+                Err(r) => {
+                    tracing::info!(peer = %from, reason = %r, "rejected a request");
+                    self.metrics.p2p_reject(&from, r.label());
+                    self.respond(id, vec![]);
+                    return Ok(());
+                }
+            }
+        } else {
+            // The core opens it: registry messages (anti-entropy) are its own, the rest comes
+            // back as `Unhandled`.
+            self.gossip.receive(node, Via::Direct, data.into(), now);
+            let unhandled = self.pump_gossip();
+            self.dirty = true;
+            let Some((_, env)) = unhandled else {
+                self.respond(id, vec![]);
+                return Ok(());
+            };
+            env
         };
         if env.signer != node {
             // Requests are answered only for their signer (noise authenticated the peer).
@@ -844,7 +879,7 @@ impl Node {
                     return vec![];
                 }
                 let verdict = match &result {
-                    Ok(frames) => match frames.first().map(|f| fedmesh_protocol::open(f, now)) {
+                    Ok(frames) => match frames.first().map(|f| open_answer(f, &agent.node, now)) {
                         Some(Ok(env)) if env.signer == agent.node => match env.message {
                             Message::Accept { task: t, .. } if t == task => Ok(()),
                             Message::Decline {
