@@ -69,6 +69,10 @@ const MAX_FILTERS: usize = 1024;
 /// The node's messages to one connection that went through rumqttd and have not reached it
 /// yet (past this, as above).
 const MAX_BEHIND: usize = 1024;
+/// Principals tracked. A principal with a persistent session stays tracked after it leaves
+/// (rumqttd keeps its session, so its topics must keep going through rumqttd); past this many,
+/// direct delivery turns off for the node's lifetime, counted in `direct_fallbacks`.
+pub(crate) const MAX_PRINCIPALS: usize = 65_536;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -86,6 +90,8 @@ pub(crate) struct Direct {
     principals: Mutex<HashMap<String, Principal>>,
     /// Frames of held messages, written when the node releases them.
     deferred: Mutex<HashMap<Held, Vec<Ready>>>,
+    /// More than [`MAX_PRINCIPALS`] principals were seen: nothing goes direct any more.
+    saturated: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -187,6 +193,7 @@ impl Direct {
             next_conn: AtomicU64::new(1),
             principals: Mutex::default(),
             deferred: Mutex::default(),
+            saturated: AtomicBool::new(false),
             metrics,
         }
     }
@@ -237,9 +244,18 @@ impl Direct {
         });
         {
             let mut map = lock(&self.principals);
-            let p = map.entry(principal.to_owned()).or_default();
-            p.persistent |= persistent;
-            p.conns.push(conn.clone());
+            if map.len() >= MAX_PRINCIPALS && !map.contains_key(principal) {
+                if !self.saturated.swap(true, Ordering::AcqRel) {
+                    warn!(
+                        max = MAX_PRINCIPALS,
+                        "too many principals to track; the node's messages go through rumqttd from now on"
+                    );
+                }
+            } else {
+                let p = map.entry(principal.to_owned()).or_default();
+                p.persistent |= persistent;
+                p.conns.push(conn.clone());
+            }
         }
         (
             Registration {
@@ -261,6 +277,9 @@ impl Direct {
         let Some(principal) = acl::namespace_owner(&msg.topic) else {
             return false;
         };
+        if self.saturated.load(Ordering::Acquire) {
+            return self.fallback(&[], msg, key);
+        }
         let conns = {
             let map = lock(&self.principals);
             match map.get(principal) {
@@ -375,7 +394,10 @@ impl Direct {
     /// `conn` has no QoS ≥ 1 PUBLISH at rumqttd awaiting its acknowledgement (MQTT orders
     /// a connection's PUBACKs like its PUBLISHes).
     pub(crate) fn keeps(&self, principal: &str, topic: &str, conn: &Conn) -> bool {
-        if !self.enabled || conn.publishes_at_rumqttd.load(Ordering::Acquire) > 0 {
+        if !self.enabled
+            || self.saturated.load(Ordering::Acquire)
+            || conn.publishes_at_rumqttd.load(Ordering::Acquire) > 0
+        {
             return false;
         }
         let conns = {
@@ -871,6 +893,25 @@ mod tests {
         // A persistent session of the principal may subscribe while absent.
         drop(d.register("p", &connect(Version::V4, false), 60));
         assert!(!d.keeps("p", submit, &r.conn));
+    }
+
+    #[test]
+    fn too_many_principals_turn_direct_delivery_off() {
+        let d = direct();
+        let (r, _rx) = d.register("p", &connect(Version::V4, true), 60);
+        subscribe(&r.conn, 1, "fedmesh/v1/client/p/inbox", 0, 0);
+        let t = "fedmesh/v1/client/p/inbox";
+        assert!(d.offer(&msg(t), k(t), false));
+        // Persistent principals stay tracked after they leave.
+        for i in 1..MAX_PRINCIPALS {
+            drop(d.register(&format!("q{i}"), &connect(Version::V4, false), 60));
+        }
+        assert_eq!(lock(&d.principals).len(), MAX_PRINCIPALS);
+        assert!(d.offer(&msg(t), k(t), false));
+        drop(d.register("one-too-many", &connect(Version::V4, true), 60));
+        assert_eq!(lock(&d.principals).len(), MAX_PRINCIPALS);
+        assert!(!d.offer(&msg(t), k(t), false));
+        assert!(!d.keeps("p", "fedmesh/v1/client/p/submit", &r.conn));
     }
 
     #[test]
