@@ -379,8 +379,7 @@ impl Broker {
     /// in `outbound_dropped`) when the outbound queue is full.
     pub fn publish(&self, msg: Outbound) -> Result<(), BrokerError> {
         link::check_outbound(&msg, self.limits.max_payload_bytes)?;
-        let key = self.gate.key(msg.topic.as_bytes(), &msg.payload);
-        if self.direct.offer(&msg, key, false) {
+        if self.try_direct(&msg, None) {
             return Ok(());
         }
         self.queue(msg)
@@ -406,13 +405,24 @@ impl Broker {
     pub fn publish_held(&self, msg: Outbound) -> Result<Held, BrokerError> {
         link::check_outbound(&msg, self.limits.max_payload_bytes)?;
         let key = self.gate.key(msg.topic.as_bytes(), &msg.payload);
-        if self.direct.offer(&msg, key, true) {
+        if self.try_direct(&msg, Some(key)) {
             return Ok(key);
         }
         // Held before it is queued, so that no proxy connection can see it first.
         self.gate.hold(key);
         self.queue(msg).inspect_err(|_| self.gate.release([key]))?;
         Ok(key)
+    }
+
+    /// Writes `msg` into its subscribers' connections directly if it can (see `direct`);
+    /// `held`: its key, when it must wait for [`Broker::release`]. Only topics in a principal's
+    /// namespace can go direct, so no other message pays for its key.
+    fn try_direct(&self, msg: &Outbound, held: Option<Held>) -> bool {
+        if acl::namespace_owner(&msg.topic).is_none() {
+            return false;
+        }
+        let key = held.unwrap_or_else(|| self.gate.key(msg.topic.as_bytes(), &msg.payload));
+        self.direct.offer(msg, key, held.is_some())
     }
 
     /// Lets the proxy deliver messages queued by [`Broker::publish_held`].
@@ -425,8 +435,7 @@ impl Broker {
     /// Queues a message for publishing, waiting for queue capacity.
     pub async fn publish_wait(&self, msg: Outbound) -> Result<(), BrokerError> {
         link::check_outbound(&msg, self.limits.max_payload_bytes)?;
-        let key = self.gate.key(msg.topic.as_bytes(), &msg.payload);
-        if self.direct.offer(&msg, key, false) {
+        if self.try_direct(&msg, None) {
             return Ok(());
         }
         self.outbound

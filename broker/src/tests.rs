@@ -54,6 +54,15 @@ fn client(o: MqttOptions) -> (AsyncClient, mpsc::Receiver<Option<P5>>) {
     (client, rx)
 }
 
+/// A v5 client `id` connected to `addr` (Keep Alive 5 s), once its CONNACK is in.
+async fn connected(addr: SocketAddr, id: &str) -> (AsyncClient, mpsc::Receiver<Option<P5>>) {
+    let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(5));
+    let (c, mut rx) = client(o);
+    next(&mut rx, |p| matches!(p, P5::ConnAck(_)).then_some(())).await;
+    (c, rx)
+}
+
 async fn next<T>(
     rx: &mut mpsc::Receiver<Option<P5>>,
     mut f: impl FnMut(P5) -> Option<T>,
@@ -484,10 +493,7 @@ async fn submit_while_suback_withheld(defences: Defences) -> (bool, bool) {
         s
     });
     let addr = broker.local_addr_v5().unwrap();
-    let mut o = MqttOptions::new("req", addr.ip().to_string(), addr.port());
-    o.set_keep_alive(Duration::from_secs(5));
-    let (c, mut rx) = client(o);
-    next(&mut rx, |p| matches!(p, P5::ConnAck(_)).then_some(())).await;
+    let (c, _rx) = connected(addr, "req").await;
     c.subscribe("fedmesh/v1/client/req/reply/1", Q5::AtLeastOnce)
         .await
         .unwrap();
@@ -528,10 +534,7 @@ async fn a_submit_waits_for_the_suback_of_the_subscription_before_it() {
 async fn held_scenario(defences: Defences) -> Broker {
     let (broker, _inbound) = Broker::start_with(settings(), defences).unwrap();
     let addr = broker.local_addr_v5().unwrap();
-    let mut o = MqttOptions::new("held", addr.ip().to_string(), addr.port());
-    o.set_keep_alive(Duration::from_secs(5));
-    let (c, mut rx) = client(o);
-    next(&mut rx, |p| matches!(p, P5::ConnAck(_)).then_some(())).await;
+    let (c, mut rx) = connected(addr, "held").await;
     c.subscribe("fedmesh/v1/client/held/reply/#", Q5::AtLeastOnce)
         .await
         .unwrap();
@@ -627,20 +630,14 @@ async fn direct_and_relayed_qos1_messages_share_a_connection() {
     // out-of-order acks), or one of rumqttd's were kept from it, rumqttd would stop.
     let (broker, _inbound) = Broker::start_with(settings(), Defences::default()).unwrap();
     let addr = broker.local_addr_v5().unwrap();
-    let mut o = MqttOptions::new("mix", addr.ip().to_string(), addr.port());
-    o.set_keep_alive(Duration::from_secs(5));
-    let (c, mut rx) = client(o);
-    next(&mut rx, |p| matches!(p, P5::ConnAck(_)).then_some(())).await;
+    let (c, mut rx) = connected(addr, "mix").await;
     for f in ["fedmesh/v1/client/mix/inbox", "t/mix"] {
         c.subscribe(f, Q5::AtLeastOnce).await.unwrap();
         next(&mut rx, |p| matches!(p, P5::SubAck(_)).then_some(()))
             .await
             .unwrap();
     }
-    let mut o = MqttOptions::new("other", addr.ip().to_string(), addr.port());
-    o.set_keep_alive(Duration::from_secs(5));
-    let (publ, mut prx) = client(o);
-    next(&mut prx, |p| matches!(p, P5::ConnAck(_)).then_some(())).await;
+    let (publ, _prx) = connected(addr, "other").await;
     let n = 150;
     let (mut direct, mut relayed, mut direct_ids) = (Vec::new(), Vec::new(), 0);
     for group in 0..n / 10 {
@@ -735,22 +732,13 @@ async fn a_client_that_only_acknowledges_direct_messages_stays_connected() {
         i += 1;
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    // Still connected, through rumqttd too: a message from another client arrives.
-    let mut o = MqttOptions::new(
-        "ka-pub",
-        broker.local_addr_v5().unwrap().ip().to_string(),
-        broker.local_addr_v5().unwrap().port(),
-    );
-    o.set_keep_alive(Duration::from_secs(5));
-    let (publ, mut prx) = client(o);
-    next(&mut prx, |p| matches!(p, P5::ConnAck(_)).then_some(())).await;
+    // Still connected: rumqttd kept the connection past 1.5 × Keep Alive.
     broker
         .publish(node_msg("fedmesh/v1/client/ka/inbox", "last".into()))
         .unwrap();
     let (first, body) = timeout(WAIT, read_whole_frame(&mut s)).await.unwrap();
     assert_eq!(first, 0x32);
     assert!(body.ends_with(b"last"));
-    drop(publ);
     assert!(broker.metrics().direct_delivered >= 10);
     assert!(broker.metrics().direct_kept >= 5);
     broker.shutdown().await;
@@ -764,10 +752,7 @@ async fn the_proxy_answers_node_api_publishes_nobody_else_can_receive() {
     // (the client gets its own message back, as MQTT 3.1.1 and rumqttd do).
     let (broker, mut inbound) = Broker::start_with(settings(), Defences::default()).unwrap();
     let addr = broker.local_addr_v5().unwrap();
-    let mut o = MqttOptions::new("api", addr.ip().to_string(), addr.port());
-    o.set_keep_alive(Duration::from_secs(5));
-    let (c, mut rx) = client(o);
-    next(&mut rx, |p| matches!(p, P5::ConnAck(_)).then_some(())).await;
+    let (c, mut rx) = connected(addr, "api").await;
     let submit = "fedmesh/v1/client/api/submit";
     c.publish(submit, Q5::AtLeastOnce, false, "one")
         .await
