@@ -597,6 +597,8 @@ pub(crate) struct PublishHeader {
     pub(crate) topic: String,
     pub(crate) pkid: Option<u16>,
     pub(crate) topic_alias: Option<u16>,
+    /// No properties but (v5) a topic alias.
+    pub(crate) plain: bool,
     /// Bytes of the variable header (the payload starts here).
     pub(crate) header_len: usize,
 }
@@ -631,8 +633,10 @@ pub(crate) fn parse_publish(
     } else {
         None
     };
+    let mut plain = true;
     let topic_alias = if version == Version::V5 {
         let props = Properties::parse(&mut r)?;
+        plain = props.items.iter().all(|(id, _)| *id == prop::TOPIC_ALIAS);
         if props.get(prop::SUBSCRIPTION_ID).is_some() {
             // MQTT 5 §3.3.4; rumqttd would disconnect the client itself.
             return Err(CodecError::Malformed(
@@ -659,6 +663,7 @@ pub(crate) fn parse_publish(
         topic,
         pkid,
         topic_alias,
+        plain,
         header_len: r.pos,
     })
 }

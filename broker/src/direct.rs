@@ -1,28 +1,53 @@
-//! Direct delivery: the node's messages to a principal's own topics are written to that
-//! principal's live connections by the proxy, instead of travelling node link → rumqttd's
-//! router → rumqttd's connection task → proxy.
+//! Direct delivery: the proxy writes a message straight into its subscribers' connections,
+//! instead of the message travelling through rumqttd (proxy → rumqttd's connection task →
+//! router thread → connection task → proxy, ≈ 5 threads). Two kinds of message go this way:
 //!
-//! The ACL makes this sound: only principal `P` may subscribe to
-//! `fedmesh/v1/{agent|client}/P/…` (any depth below `P`, see [`acl`]), and every connection of `P` runs through
-//! this proxy, which sees its SUBSCRIBEs, rumqttd's SUBACKs and its UNSUBSCRIBEs. So for a
-//! message on such a topic the proxy knows every subscriber rumqttd would deliver to, as long
-//! as nothing is kept for an absent client. A message goes direct only when all of these
-//! hold, and through rumqttd otherwise (counted in `direct_fallbacks`):
+//! * **The node's messages to a principal's own topics** ([`Direct::offer`]). The ACL makes
+//!   this sound: only principal `P` may subscribe to `fedmesh/v1/{agent|client}/P/…` (any
+//!   depth below `P`, see [`acl`]), so the subscribers are `P`'s connections.
+//! * **Client → client messages** ([`Direct::relay`]) on any topic outside `fedmesh/` and the
+//!   `$` topics. Every client connection runs through this proxy, and the node's in-process
+//!   link subscribes only under `fedmesh/`, so the proxy sees every subscriber rumqttd has.
+//!   A publisher connection caches the subscribers of its topics ([`Routes`]); any change of
+//!   any subscription invalidates every cache.
 //!
-//! * it is not retained (rumqttd must store a retained message);
-//! * no connection of `P` since the node started asked for a persistent session (rumqttd
-//!   keeps an absent persistent session's subscriptions and queues for it; the proxy cannot);
-//! * at least one live connection of `P` has a granted subscription that matches, and none of
-//!   the matching subscriptions is shared (`$share/…`) or carries a v5 Subscription
-//!   Identifier;
-//! * every matching connection can take it now: room in its direct queue
-//!   ([`QUEUE`] frames), for QoS 1 fewer than [`MAX_INFLIGHT`] unacknowledged direct
-//!   messages, no v5 Receive Maximum of its own and the frame within its v5 Maximum Packet
-//!   Size.
+//! In both cases the proxy sees every subscriber's SUBSCRIBEs, rumqttd's SUBACKs and the
+//! UNSUBSCRIBEs, so it knows who rumqttd would deliver to, as long as nothing is kept for an
+//! absent client. A message goes direct only when all of these hold, and through rumqttd
+//! otherwise (counted in `direct_fallbacks` / `relay_fallbacks`):
+//!
+//! * it is not retained (rumqttd must store a retained message), and is QoS 0 or 1;
+//! * no subscriber it matches asked for a persistent session, and no filter of a persistent
+//!   session that left matches it (rumqttd keeps an absent persistent session's
+//!   subscriptions and queues for it; the proxy cannot). For the node's messages the rule
+//!   is per principal: once any connection of `P` asked for a persistent session, `P`'s
+//!   topics always go through rumqttd;
+//! * no matching subscription is shared (`$share/…`), carries a v5 Subscription Identifier,
+//!   or is still awaiting rumqttd's SUBACK;
+//! * every matching connection can take it now: room in its direct queue ([`QUEUE`]
+//!   frames), for QoS 1 fewer than [`MAX_INFLIGHT`] unacknowledged direct messages, no v5
+//!   Receive Maximum of its own and the frame within its v5 Maximum Packet Size;
+//! * a client's message carries no v5 property but a topic alias (the proxy rebuilds the
+//!   frame for each subscriber; properties would have to be relayed exactly as rumqttd
+//!   does), fits the proxy's inspection window, and, at QoS 1, its publisher has no QoS ≥ 1
+//!   PUBLISH at rumqttd still awaiting its PUBACK (MQTT orders a connection's PUBACKs like
+//!   its PUBLISHes; the proxy acknowledges a direct one at once).
 //!
 //! It is all or nothing per message: part direct and part through rumqttd would deliver
 //! twice. Each matching connection gets one copy at the lower of the message's QoS and the
-//! highest granted QoS of its matching subscriptions (MQTT 3.1.1 §3.3.5).
+//! highest granted QoS of its matching subscriptions (MQTT 3.1.1 §3.3.5). A message nobody
+//! subscribes to is dropped (and a QoS 1 one acknowledged), as rumqttd would.
+//!
+//! **Order.** MQTT keeps one publisher's messages to a topic in order. When such a message
+//! goes through rumqttd, every connection it may reach there is marked *behind* with the
+//! message's [`Mark`] (a keyed hash of topic, payload length and payload prefix), and takes
+//! no direct message until the proxy has seen rumqttd deliver it. rumqttd may drop a message
+//! (a slow subscriber past its log, a subscription that was refused): a connection that is
+//! behind, has no QoS 1 message of rumqttd's unacknowledged and got nothing from rumqttd
+//! for [`BEHIND_RESYNC`] is taken to have caught up (counted in `direct_behind_resyncs`).
+//!
+//! **Lock order.** A delivery holds the state of every target connection at once (to check
+//! them all, then commit): targets are always locked in ascending connection id.
 //!
 //! **Packet ids.** rumqttd 0.20 numbers the QoS 1 messages it sends a client `1..=100`
 //! (`MAX_PKID` in its `router/iobufs.rs`), so direct QoS 1 messages use `101..=65535` and the
@@ -30,16 +55,17 @@
 //! rumqttd ever sends an id in that range (another rumqttd version), the connection stops
 //! taking direct messages and the event is logged and counted (`direct_pkid_conflicts`).
 //!
-//! **Keep Alive.** A client that only acknowledges direct messages sends rumqttd nothing, and
-//! it need not send PINGREQ while it sends PUBACKs; so when the proxy keeps a PUBACK from
-//! rumqttd and has not pinged rumqttd for half the Keep Alive, it sends rumqttd a PINGREQ of
-//! its own and drops the PINGRESP.
+//! **Keep Alive.** A client that only publishes direct messages, or only acknowledges them,
+//! sends rumqttd nothing, and it need not send PINGREQ while it sends other packets; so when
+//! the proxy keeps a packet from rumqttd and has not pinged rumqttd for half the Keep Alive,
+//! it sends rumqttd a PINGREQ of its own and drops the PINGRESP.
 //!
 //! **Output commit.** A message the node publishes during a flush ([`crate::Held`]) is queued
 //! for its connections at once (so that the capacity check and the packet id are settled)
 //! and written when the node releases it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -66,13 +92,23 @@ pub(crate) const RUMQTTD_MAX_PKID: u16 = 100;
 const MAX_PENDING_SUBSCRIBES: usize = 64;
 /// Filters tracked per connection (past this, as above).
 const MAX_FILTERS: usize = 1024;
-/// The node's messages to one connection that went through rumqttd and have not reached it
-/// yet (past this, as above).
+/// Messages to one connection that went through rumqttd and have not reached it yet (past
+/// this, as above).
 const MAX_BEHIND: usize = 1024;
 /// Principals tracked. A principal with a persistent session stays tracked after it leaves
 /// (rumqttd keeps its session, so its topics must keep going through rumqttd); past this many,
-/// direct delivery turns off for the node's lifetime, counted in `direct_fallbacks`.
+/// direct delivery of the node's messages turns off for the node's lifetime, counted in
+/// `direct_fallbacks`.
 pub(crate) const MAX_PRINCIPALS: usize = 65_536;
+/// Filters of persistent sessions that left, kept so that what they match goes through
+/// rumqttd; past this many, client → client direct delivery turns off for the node's
+/// lifetime.
+pub(crate) const MAX_GHOSTS: usize = 4096;
+/// Payload bytes a [`Mark`] covers (with the topic and the payload's length).
+pub(crate) const MARK_PREFIX: usize = 4096;
+/// A connection behind rumqttd that got nothing from it for this long, with none of
+/// rumqttd's QoS 1 messages unacknowledged, is taken to have caught up.
+pub(crate) const BEHIND_RESYNC: Duration = Duration::from_secs(1);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -81,17 +117,56 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A frame with its reserved slot in a connection's direct queue.
 type Ready = (OwnedPermit<BytesMut>, BytesMut);
 
-/// The registry of connections by principal, shared by the node's publishing side and
-/// every proxy connection.
+/// Recognises a message that went through rumqttd when rumqttd delivers it: a keyed hash
+/// of its topic, its payload's length and the first [`MARK_PREFIX`] payload bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Mark(u64);
+
+/// A message as direct delivery sees it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Message<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) payload: &'a [u8],
+    /// 0 or 1.
+    pub(crate) qos: u8,
+    pub(crate) correlation: Option<&'a [u8]>,
+}
+
+/// What became of a client's message (see [`Direct::relay`]).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Relay {
+    /// Written to every subscriber's direct queue.
+    Delivered,
+    /// Nobody subscribes: dropped, as rumqttd would.
+    Nobody,
+    /// It must go through rumqttd.
+    Rumqttd,
+}
+
+/// The registry of connections, shared by the node's publishing side and every proxy
+/// connection.
 #[derive(Debug)]
 pub(crate) struct Direct {
+    /// The node's messages may go direct.
     enabled: bool,
+    /// Client → client messages may go direct.
+    relay: bool,
     next_conn: AtomicU64,
     principals: Mutex<HashMap<String, Principal>>,
+    /// Every live connection, by id (ascending: the lock order).
+    conns: Mutex<BTreeMap<u64, Arc<Conn>>>,
+    /// Bumped on every change of any connection's subscriptions, and when one leaves.
+    generation: Arc<AtomicU64>,
+    /// Filters of persistent sessions that left (see the module docs).
+    ghosts: Mutex<Vec<Sub>>,
+    /// More than [`MAX_GHOSTS`] ghost filters: no client message goes direct any more.
+    ghosts_full: AtomicBool,
     /// Frames of held messages, written when the node releases them.
     deferred: Mutex<HashMap<Held, Vec<Ready>>>,
-    /// More than [`MAX_PRINCIPALS`] principals were seen: nothing goes direct any more.
+    /// More than [`MAX_PRINCIPALS`] principals were seen: none of the node's messages goes
+    /// direct any more.
     saturated: AtomicBool,
+    marks: RandomState,
     metrics: Arc<Metrics>,
 }
 
@@ -126,6 +201,8 @@ impl Sub {
 pub(crate) struct Conn {
     id: u64,
     version: Version,
+    /// It asked for a session that outlives it: what it subscribes to goes through rumqttd.
+    persistent: bool,
     /// Whether direct QoS 1 is allowed at all (no v5 Receive Maximum of the client's).
     qos1: bool,
     /// The client's v5 Maximum Packet Size, if it gave one.
@@ -133,9 +210,13 @@ pub(crate) struct Conn {
     keep_alive: Duration,
     /// QoS ≥ 1 PUBLISHes of the client forwarded to rumqttd and not yet acknowledged by it.
     publishes_at_rumqttd: AtomicU32,
+    /// QoS 1 PUBLISHes rumqttd sent the client that the client has not acknowledged.
+    rumqttd_unacked: AtomicU32,
     tx: mpsc::Sender<BytesMut>,
     /// `!state.behind.is_empty()`, read without the lock for every relayed PUBLISH.
     behind: AtomicBool,
+    /// The registry's subscription generation (bumped on every change here).
+    generation: Arc<AtomicU64>,
     state: Mutex<ConnState>,
 }
 
@@ -145,14 +226,38 @@ struct ConnState {
     /// SUBSCRIBEs forwarded to rumqttd, by packet id, until their SUBACK.
     pending: Vec<(u16, Vec<Sub>)>,
     inflight: Vec<u16>,
-    /// Gate keys of the node's messages sent through rumqttd that this connection will get
-    /// from rumqttd: until they have, direct messages would overtake them.
-    behind: Vec<Held>,
+    /// Marks of messages sent through rumqttd that this connection may get from rumqttd:
+    /// until it has, direct messages would overtake them.
+    behind: Vec<Mark>,
     next_pkid: u16,
     /// No longer takes direct messages (subscriptions unknown, or a packet id conflict).
     off: bool,
     last_ping: Instant,
     synthetic_pings: u32,
+}
+
+impl ConnState {
+    fn new() -> Self {
+        Self {
+            granted: Vec::new(),
+            pending: Vec::new(),
+            inflight: Vec::new(),
+            behind: Vec::new(),
+            next_pkid: RUMQTTD_MAX_PKID + 1,
+            off: false,
+            last_ping: Instant::now(),
+            synthetic_pings: 0,
+        }
+    }
+
+    /// Whether a granted or an asked-for subscription matches `topic`.
+    fn may_match(&self, topic: &str) -> bool {
+        self.granted.iter().any(|s| s.matches(topic))
+            || self
+                .pending
+                .iter()
+                .any(|(_, subs)| subs.iter().any(|s| s.matches(topic)))
+    }
 }
 
 /// A connection's registration; deregisters on drop.
@@ -165,13 +270,45 @@ pub(crate) struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let mut map = lock(&self.direct.principals);
-        if let Some(p) = map.get_mut(&self.principal) {
-            p.conns.retain(|c| c.id != self.conn.id);
-            if p.conns.is_empty() && !p.persistent {
-                map.remove(&self.principal);
+        let d = &self.direct;
+        {
+            let mut map = lock(&d.principals);
+            if let Some(p) = map.get_mut(&self.principal) {
+                p.conns.retain(|c| c.id != self.conn.id);
+                if p.conns.is_empty() && !p.persistent {
+                    map.remove(&self.principal);
+                }
             }
         }
+        lock(&d.conns).remove(&self.conn.id);
+        if self.conn.persistent {
+            // rumqttd keeps the session's subscriptions: what they match stays its business.
+            let subs: Vec<Sub> = {
+                let st = lock(&self.conn.state);
+                st.granted
+                    .iter()
+                    .chain(st.pending.iter().flat_map(|(_, s)| s))
+                    .cloned()
+                    .collect()
+            };
+            let mut ghosts = lock(&d.ghosts);
+            for s in subs {
+                if ghosts.iter().any(|g| g.filter == s.filter) {
+                    continue;
+                }
+                if ghosts.len() >= MAX_GHOSTS {
+                    if !d.ghosts_full.swap(true, Ordering::AcqRel) {
+                        warn!(
+                            max = MAX_GHOSTS,
+                            "too many filters of absent persistent sessions; client messages go through rumqttd from now on"
+                        );
+                    }
+                    break;
+                }
+                ghosts.push(s);
+            }
+        }
+        d.generation.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -186,20 +323,82 @@ pub(crate) enum Ack {
     KeepAndPing,
 }
 
+/// The connections a topic may reach, as one publisher connection last computed them.
+#[derive(Debug, Default)]
+pub(crate) struct Route {
+    /// Connections with a granted or an asked-for subscription matching the topic, in
+    /// ascending id.
+    conns: Vec<Arc<Conn>>,
+    /// A persistent session (present or absent) may want it: only rumqttd can deliver it.
+    rumqttd_only: bool,
+}
+
+/// Topics a publisher connection caches routes for.
+const ROUTE_CACHE: usize = 256;
+
+/// One publisher connection's cache of routes, valid for one subscription generation.
+#[derive(Debug, Default)]
+pub(crate) struct Routes {
+    generation: u64,
+    map: HashMap<String, Arc<Route>>,
+}
+
+impl Routes {
+    /// The route of `topic`.
+    pub(crate) fn get(&mut self, direct: &Direct, topic: &str) -> Arc<Route> {
+        let generation = direct.generation.load(Ordering::Acquire);
+        if generation != self.generation || self.map.len() >= ROUTE_CACHE {
+            self.map.clear();
+            self.generation = generation;
+        }
+        if let Some(r) = self.map.get(topic) {
+            return r.clone();
+        }
+        let r = Arc::new(direct.route(topic));
+        self.map.insert(topic.to_owned(), r.clone());
+        r
+    }
+}
+
 impl Direct {
-    pub(crate) fn new(enabled: bool, metrics: Arc<Metrics>) -> Self {
+    /// `enabled`: the node's messages may go direct; `relay`: client → client messages may.
+    pub(crate) fn new(enabled: bool, relay: bool, metrics: Arc<Metrics>) -> Self {
         Self {
             enabled,
+            relay,
             next_conn: AtomicU64::new(1),
             principals: Mutex::default(),
+            conns: Mutex::default(),
+            generation: Arc::default(),
+            ghosts: Mutex::default(),
+            ghosts_full: AtomicBool::new(false),
             deferred: Mutex::default(),
             saturated: AtomicBool::new(false),
+            marks: RandomState::new(),
             metrics,
         }
     }
 
-    /// Registers a connection of `principal` that rumqttd accepted. `persistent`: it asked
-    /// for a session that outlives it (the principal then never takes direct messages again).
+    /// Whether client messages on `topic` are candidates for direct delivery: everything
+    /// outside `fedmesh/` (the node's topics) and the `$` topics.
+    pub(crate) fn relays(&self, topic: &str) -> bool {
+        self.relay && !topic.starts_with("fedmesh/") && !topic.starts_with('$')
+    }
+
+    /// The [`Mark`] of a message with this topic, payload length and payload prefix (at
+    /// least the first [`MARK_PREFIX`] bytes, or the whole payload if shorter).
+    pub(crate) fn mark(&self, topic: &[u8], payload_len: usize, prefix: &[u8]) -> Mark {
+        let mut h = self.marks.build_hasher();
+        h.write_usize(topic.len());
+        h.write(topic);
+        h.write_usize(payload_len);
+        h.write(&prefix[..prefix.len().min(MARK_PREFIX)]);
+        Mark(h.finish())
+    }
+
+    /// Registers a connection of `principal` that rumqttd accepted. A `persistent` one
+    /// (a session that outlives it) keeps what it subscribes to rumqttd's, and its
+    /// principal never takes the node's messages directly again.
     /// Returns the registration and the receiver of the connection's direct frames.
     pub(crate) fn register(
         self: &Arc<Self>,
@@ -218,6 +417,7 @@ impl Direct {
         let conn = Arc::new(Conn {
             id: self.next_conn.fetch_add(1, Ordering::Relaxed),
             version: connect.version,
+            persistent,
             qos1: !(v5 && connect.properties.get(codec::prop::RECEIVE_MAX).is_some()),
             max_packet: if v5 {
                 connect
@@ -229,18 +429,11 @@ impl Direct {
             },
             keep_alive: Duration::from_secs(u64::from(keep_alive)),
             publishes_at_rumqttd: AtomicU32::new(0),
+            rumqttd_unacked: AtomicU32::new(0),
             tx,
             behind: AtomicBool::new(false),
-            state: Mutex::new(ConnState {
-                granted: Vec::new(),
-                pending: Vec::new(),
-                inflight: Vec::new(),
-                behind: Vec::new(),
-                next_pkid: RUMQTTD_MAX_PKID + 1,
-                off: false,
-                last_ping: Instant::now(),
-                synthetic_pings: 0,
-            }),
+            generation: self.generation.clone(),
+            state: Mutex::new(ConnState::new()),
         });
         {
             let mut map = lock(&self.principals);
@@ -255,8 +448,10 @@ impl Direct {
                 let p = map.entry(principal.to_owned()).or_default();
                 p.persistent |= persistent;
                 p.conns.push(conn.clone());
+                p.conns.sort_by_key(|c| c.id);
             }
         }
+        lock(&self.conns).insert(conn.id, conn.clone());
         (
             Registration {
                 direct: self.clone(),
@@ -267,9 +462,9 @@ impl Direct {
         )
     }
 
-    /// Delivers `msg` (whose gate key is `key`) to its subscribers directly if it can (see
-    /// the module docs); `held`: the frames wait for [`Direct::release`] of `key`. Returns
-    /// `false` when the message must go through rumqttd.
+    /// Delivers the node's `msg` (whose gate key is `key`) to its subscribers directly if it
+    /// can (see the module docs); `held`: the frames wait for [`Direct::release`] of `key`.
+    /// Returns `false` when the message must go through rumqttd.
     pub(crate) fn offer(&self, msg: &Outbound, key: Held, held: bool) -> bool {
         if !self.enabled {
             return false;
@@ -277,87 +472,46 @@ impl Direct {
         let Some(principal) = acl::namespace_owner(&msg.topic) else {
             return false;
         };
+        let m = Message {
+            topic: &msg.topic,
+            payload: &msg.payload,
+            qos: match msg.qos {
+                Qos::AtMostOnce => 0,
+                Qos::AtLeastOnce => 1,
+            },
+            correlation: msg.correlation_data.as_deref(),
+        };
         if self.saturated.load(Ordering::Acquire) {
-            return self.fallback(&[], msg, key);
+            Metrics::inc(&self.metrics.direct_fallbacks);
+            return false;
         }
         let conns = {
             let map = lock(&self.principals);
             match map.get(principal) {
                 Some(p) if !p.persistent => p.conns.clone(),
-                Some(_) => return self.fallback(&[], msg, key),
+                Some(_) => {
+                    Metrics::inc(&self.metrics.direct_fallbacks);
+                    return false;
+                }
                 None => return false,
             }
         };
-        if msg.retain {
+        let plan = if msg.retain {
             // rumqttd must store it.
-            return self.fallback(&conns, msg, key);
-        }
-        let want = match msg.qos {
-            Qos::AtMostOnce => 0,
-            Qos::AtLeastOnce => 1,
+            None
+        } else {
+            self.plan(&conns, &m)
         };
-        // Check every connection first; build each frame with packet id 0 for now.
-        let mut out = Vec::new();
-        let mut states = Vec::new();
-        for c in &conns {
-            let st = lock(&c.state);
-            let mut best: Option<u8> = None;
-            let mut plain = true;
-            for s in st.granted.iter().filter(|s| s.matches(&msg.topic)) {
-                plain &= s.plain;
-                best = best.max(Some(s.qos));
-            }
-            let pending_match = st
-                .pending
-                .iter()
-                .any(|(_, subs)| subs.iter().any(|s| s.matches(&msg.topic)));
-            let direct = match best {
-                // rumqttd may have granted it already: only rumqttd knows.
-                None if pending_match => false,
-                None => continue,
-                // Order: rumqttd still has earlier messages of the node's for this client.
-                Some(_) if !plain || pending_match || st.off || !st.behind.is_empty() => false,
-                Some(granted) => {
-                    let qos = want.min(granted);
-                    !(qos > 0 && (!c.qos1 || st.inflight.len() >= MAX_INFLIGHT))
-                }
-            };
-            if !direct {
-                drop(st);
-                drop(states);
-                return self.fallback(&conns, msg, key);
-            }
-            let qos = want.min(best.unwrap_or(0));
-            let frame = codec::encode_publish(
-                &msg.topic,
-                (qos > 0).then_some(0),
-                msg.correlation_data.as_deref(),
-                &msg.payload,
-                c.version,
-            );
-            // Reserve a queue slot before anything is sent.
-            let permit = match c.tx.clone().try_reserve_owned() {
-                Ok(p) if c.max_packet.is_none_or(|max| frame.len() <= max) => p,
-                _ => {
-                    drop(st);
-                    drop(states);
-                    return self.fallback(&conns, msg, key);
-                }
-            };
-            out.push((permit, frame));
-            states.push(st);
-        }
+        let Some(out) = plan else {
+            Metrics::inc(&self.metrics.direct_fallbacks);
+            self.behind(&conns, m.topic, m.payload.len(), m.payload);
+            return false;
+        };
         if out.is_empty() {
             // Nobody subscribed: rumqttd would deliver it to nobody either.
             Metrics::inc(&self.metrics.direct_unsubscribed);
             return true;
         }
-        for ((_, frame), st) in out.iter_mut().zip(states.iter_mut()) {
-            if frame[0] & 0x06 != 0 {
-                set_pkid(frame, st.allocate());
-            }
-        }
-        drop(states);
         Metrics::add(&self.metrics.direct_delivered, out.len() as u64);
         if held {
             lock(&self.deferred).entry(key).or_default().extend(out);
@@ -369,23 +523,156 @@ impl Direct {
         true
     }
 
-    /// The message goes through rumqttd: every connection it reaches there waits for it
-    /// before it takes direct messages again (MQTT keeps one publisher's messages to a
-    /// topic in order).
-    fn fallback(&self, conns: &[Arc<Conn>], msg: &Outbound, key: Held) -> bool {
-        Metrics::inc(&self.metrics.direct_fallbacks);
+    /// The connections `topic` may reach (see [`Routes`]).
+    fn route(&self, topic: &str) -> Route {
+        let mut route = Route {
+            rumqttd_only: self.ghosts_full.load(Ordering::Acquire)
+                || lock(&self.ghosts).iter().any(|g| g.matches(topic)),
+            conns: Vec::new(),
+        };
+        if route.rumqttd_only {
+            return route;
+        }
+        let all: Vec<Arc<Conn>> = lock(&self.conns).values().cloned().collect();
+        for c in all {
+            if lock(&c.state).may_match(topic) {
+                if c.persistent {
+                    route.rumqttd_only = true;
+                    route.conns.clear();
+                    return route;
+                }
+                route.conns.push(c);
+            }
+        }
+        route
+    }
+
+    /// Delivers a client's message on `route` (its topic passed [`Direct::relays`]; QoS ≤ 1,
+    /// not retained) directly if it can: `m` is `None` when the proxy cannot rebuild it for
+    /// each subscriber (v5 properties other than a topic alias, or larger than the proxy
+    /// inspects), which only a route without subscribers can take. On [`Relay::Rumqttd`] the
+    /// caller forwards it to rumqttd and, if it does, calls [`Direct::route_behind`] first.
+    pub(crate) fn relay(&self, route: &Route, m: Option<&Message<'_>>) -> Relay {
+        let out = if route.rumqttd_only {
+            None
+        } else if route.conns.is_empty() {
+            Some(Vec::new())
+        } else {
+            m.and_then(|m| self.plan(&route.conns, m))
+        };
+        match out {
+            None => {
+                self.relay_fallback();
+                Relay::Rumqttd
+            }
+            Some(out) if out.is_empty() => {
+                Metrics::inc(&self.metrics.relay_unsubscribed);
+                Relay::Nobody
+            }
+            Some(out) => {
+                Metrics::add(&self.metrics.relay_delivered, out.len() as u64);
+                for (permit, frame) in out {
+                    permit.send(frame);
+                }
+                Relay::Delivered
+            }
+        }
+    }
+
+    /// A client's message on a relayed topic goes through rumqttd without an attempt (counted).
+    pub(crate) fn relay_fallback(&self) {
+        Metrics::inc(&self.metrics.relay_fallbacks);
+    }
+
+    /// The frames that deliver `m` to every connection of `conns` (ascending id) whose
+    /// granted subscriptions match, each in a reserved queue slot; empty if none matches;
+    /// `None` if it must go through rumqttd (see the module docs).
+    fn plan(&self, conns: &[Arc<Conn>], m: &Message<'_>) -> Option<Vec<Ready>> {
+        // Check every connection first, holding their states (ascending id); build each
+        // frame with packet id 0 for now.
+        let mut out = Vec::new();
+        let mut states = Vec::new();
+        for c in conns {
+            let st = lock(&c.state);
+            let mut best: Option<u8> = None;
+            let mut plain = true;
+            for s in st.granted.iter().filter(|s| s.matches(m.topic)) {
+                plain &= s.plain;
+                best = best.max(Some(s.qos));
+            }
+            let pending_match = st
+                .pending
+                .iter()
+                .any(|(_, subs)| subs.iter().any(|s| s.matches(m.topic)));
+            let granted = match best {
+                // rumqttd may have granted it already: only rumqttd knows.
+                None if pending_match => return None,
+                None => continue,
+                // Order: rumqttd still has earlier messages for this client.
+                Some(_) if !plain || pending_match || st.off || !st.behind.is_empty() => {
+                    return None;
+                }
+                Some(g) => g,
+            };
+            let qos = m.qos.min(granted);
+            if qos > 0 && (!c.qos1 || st.inflight.len() >= MAX_INFLIGHT) {
+                return None;
+            }
+            let frame = codec::encode_publish(
+                m.topic,
+                (qos > 0).then_some(0),
+                m.correlation,
+                m.payload,
+                c.version,
+            );
+            if c.max_packet.is_some_and(|max| frame.len() > max) {
+                return None;
+            }
+            // Reserve a queue slot before anything is sent.
+            let permit = c.tx.clone().try_reserve_owned().ok()?;
+            out.push((permit, frame));
+            states.push(st);
+        }
+        for ((_, frame), st) in out.iter_mut().zip(states.iter_mut()) {
+            if frame[0] & 0x06 != 0 {
+                set_pkid(frame, st.allocate());
+            }
+        }
+        Some(out)
+    }
+
+    /// A message on `topic` (payload `payload_len` bytes, starting with `prefix`) goes
+    /// through rumqttd: every connection of `conns` it may reach there waits for it before
+    /// it takes direct messages again (MQTT keeps one publisher's messages to a topic in
+    /// order).
+    fn behind(&self, conns: &[Arc<Conn>], topic: &str, payload_len: usize, prefix: &[u8]) {
+        let mut mark = None;
         for c in conns {
             let mut st = lock(&c.state);
-            if st.granted.iter().any(|s| s.matches(&msg.topic)) {
+            if st.may_match(topic) {
+                let mark =
+                    *mark.get_or_insert_with(|| self.mark(topic.as_bytes(), payload_len, prefix));
                 if st.behind.len() >= MAX_BEHIND {
                     st.off = true;
                 } else {
-                    st.behind.push(key);
+                    st.behind.push(mark);
                     c.behind.store(true, Ordering::Release);
                 }
             }
         }
-        false
+    }
+
+    /// A client's message on `route` goes through rumqttd after all (see
+    /// [`Direct::behind`]); `prefix`: at least the first [`MARK_PREFIX`] bytes of its
+    /// payload, or all of it.
+    pub(crate) fn route_behind(
+        &self,
+        route: &Route,
+        topic: &str,
+        payload_len: usize,
+        prefix: &[u8],
+    ) {
+        self.behind(&route.conns, topic, payload_len, prefix);
     }
 
     /// Whether a PUBLISH of `principal` on `topic` (a node API topic, already handed to the
@@ -396,7 +683,7 @@ impl Direct {
     pub(crate) fn keeps(&self, principal: &str, topic: &str, conn: &Conn) -> bool {
         if !self.enabled
             || self.saturated.load(Ordering::Acquire)
-            || conn.publishes_at_rumqttd.load(Ordering::Acquire) > 0
+            || conn.has_publishes_at_rumqttd()
         {
             return false;
         }
@@ -409,12 +696,7 @@ impl Direct {
         };
         let subscribed = conns.iter().any(|c| {
             let st = lock(&c.state);
-            st.off
-                || st.granted.iter().any(|s| s.matches(topic))
-                || st
-                    .pending
-                    .iter()
-                    .any(|(_, subs)| subs.iter().any(|s| s.matches(topic)))
+            st.off || st.may_match(topic)
         });
         if subscribed {
             return false;
@@ -485,44 +767,54 @@ fn publish_pkid(frame: &[u8]) -> Option<u16> {
 }
 
 impl Conn {
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// A SUBSCRIBE was forwarded to rumqttd.
     pub(crate) fn subscribing(&self, sub: &codec::Subscribe) {
-        let mut st = lock(&self.state);
-        if st.pending.len() >= MAX_PENDING_SUBSCRIBES {
-            st.off = true;
-            return;
+        {
+            let mut st = lock(&self.state);
+            if st.pending.len() >= MAX_PENDING_SUBSCRIBES {
+                st.off = true;
+                return;
+            }
+            let subs = sub
+                .filters
+                .iter()
+                .zip(&sub.qos)
+                .map(|(f, q)| Sub {
+                    filter: f.clone(),
+                    qos: *q,
+                    plain: !sub.sub_id && !f.starts_with("$share/"),
+                })
+                .collect();
+            st.pending.push((sub.pkid, subs));
         }
-        let subs = sub
-            .filters
-            .iter()
-            .zip(&sub.qos)
-            .map(|(f, q)| Sub {
-                filter: f.clone(),
-                qos: *q,
-                plain: !sub.sub_id && !f.starts_with("$share/"),
-            })
-            .collect();
-        st.pending.push((sub.pkid, subs));
+        self.changed();
     }
 
     /// rumqttd answered a SUBSCRIBE: record what it granted.
     pub(crate) fn suback(&self, pkid: u16, codes: &[u8]) {
-        let mut st = lock(&self.state);
-        let Some(i) = st.pending.iter().position(|(p, _)| *p == pkid) else {
-            return;
-        };
-        let (_, subs) = st.pending.remove(i);
-        for (mut s, code) in subs.into_iter().zip(codes) {
-            if *code >= 0x80 {
-                continue;
+        {
+            let mut st = lock(&self.state);
+            let Some(i) = st.pending.iter().position(|(p, _)| *p == pkid) else {
+                return;
+            };
+            let (_, subs) = st.pending.remove(i);
+            for (mut s, code) in subs.into_iter().zip(codes) {
+                if *code >= 0x80 {
+                    continue;
+                }
+                s.qos = (*code).min(2);
+                st.granted.retain(|g| g.filter != s.filter);
+                st.granted.push(s);
             }
-            s.qos = (*code).min(2);
-            st.granted.retain(|g| g.filter != s.filter);
-            st.granted.push(s);
+            if st.granted.len() > MAX_FILTERS {
+                st.off = true;
+            }
         }
-        if st.granted.len() > MAX_FILTERS {
-            st.off = true;
-        }
+        self.changed();
     }
 
     /// An UNSUBSCRIBE was forwarded to rumqttd.
@@ -530,12 +822,17 @@ impl Conn {
         lock(&self.state)
             .granted
             .retain(|g| !filters.contains(&g.filter));
+        self.changed();
     }
 
     /// The client acknowledged packet id `pkid`.
     pub(crate) fn puback(&self, pkid: u16) -> Ack {
         let mut st = lock(&self.state);
         let Some(i) = st.inflight.iter().position(|p| *p == pkid) else {
+            drop(st);
+            let _ = self
+                .rumqttd_unacked
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
             return Ack::Forward;
         };
         st.inflight.swap_remove(i);
@@ -572,6 +869,11 @@ impl Conn {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
+    /// Whether a QoS ≥ 1 PUBLISH of the client's is at rumqttd awaiting its PUBACK.
+    pub(crate) fn has_publishes_at_rumqttd(&self) -> bool {
+        self.publishes_at_rumqttd.load(Ordering::Acquire) > 0
+    }
+
     /// rumqttd answered a PINGREQ: returns whether the proxy sent it (drop the PINGRESP).
     pub(crate) fn pingresp(&self) -> bool {
         let mut st = lock(&self.state);
@@ -582,15 +884,16 @@ impl Conn {
         false
     }
 
-    /// Whether rumqttd still has messages of the node's for this connection.
+    /// Whether rumqttd still has messages for this connection that direct ones must not
+    /// overtake.
     pub(crate) fn is_behind(&self) -> bool {
         self.behind.load(Ordering::Acquire)
     }
 
-    /// rumqttd delivered a PUBLISH with gate key `key` to this connection.
-    pub(crate) fn relayed(&self, key: Held) {
+    /// rumqttd delivered a PUBLISH with mark `mark` to this connection.
+    pub(crate) fn relayed(&self, mark: Mark) {
         let mut st = lock(&self.state);
-        if let Some(i) = st.behind.iter().position(|k| *k == key) {
+        if let Some(i) = st.behind.iter().position(|k| *k == mark) {
             st.behind.remove(i);
             if st.behind.is_empty() {
                 self.behind.store(false, Ordering::Release);
@@ -598,8 +901,30 @@ impl Conn {
         }
     }
 
-    /// rumqttd sent a QoS ≥ 1 PUBLISH with `pkid`: a conflict if it is in the direct range.
-    pub(crate) fn rumqttd_pkid(&self, pkid: u16, metrics: &Metrics) {
+    /// rumqttd sent nothing for [`BEHIND_RESYNC`] while this connection was behind: unless
+    /// one of rumqttd's QoS 1 messages is unacknowledged (rumqttd may be holding more behind
+    /// it), what rumqttd still owed was dropped, and direct messages may flow again.
+    /// Returns whether it resynced.
+    pub(crate) fn resync(&self, metrics: &Metrics) -> bool {
+        if self.rumqttd_unacked.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        let mut st = lock(&self.state);
+        if st.behind.is_empty() {
+            return false;
+        }
+        st.behind.clear();
+        self.behind.store(false, Ordering::Release);
+        Metrics::inc(&metrics.direct_behind_resyncs);
+        true
+    }
+
+    /// rumqttd sent a QoS `qos` ≥ 1 PUBLISH with `pkid`: a conflict if it is in the direct
+    /// range.
+    pub(crate) fn rumqttd_publish(&self, qos: u8, pkid: u16, metrics: &Metrics) {
+        if qos == 1 {
+            self.rumqttd_unacked.fetch_add(1, Ordering::AcqRel);
+        }
         if pkid > RUMQTTD_MAX_PKID {
             let mut st = lock(&self.state);
             if !st.off {
@@ -659,12 +984,17 @@ mod tests {
         GATE.with(|g| g.key(m.topic.as_bytes(), &m.payload))
     }
 
+    /// The mark of `msg(topic)`.
+    fn mk(d: &Direct, topic: &str) -> Mark {
+        d.mark(topic.as_bytes(), 2, b"{}")
+    }
+
     thread_local! {
         static GATE: crate::gate::Gate = crate::gate::Gate::default();
     }
 
     fn direct() -> Arc<Direct> {
-        Arc::new(Direct::new(true, Arc::new(Metrics::default())))
+        Arc::new(Direct::new(true, true, Arc::new(Metrics::default())))
     }
 
     #[test]
@@ -685,6 +1015,13 @@ mod tests {
         });
         assert!(!d.offer(&msg(inbox), k(inbox), false));
         r.conn.suback(1, &[1]);
+        // rumqttd may deliver that one (the subscription was being made): direct messages
+        // wait for it, or for a second of silence from rumqttd.
+        assert!(r.conn.is_behind());
+        assert!(!d.offer(&msg(inbox), k(inbox), false));
+        r.conn.relayed(mk(&d, inbox));
+        assert!(r.conn.resync(&d.metrics));
+        assert!(!r.conn.is_behind());
         assert!(d.offer(&msg(inbox), k(inbox), false));
         let f = rx.try_recv().unwrap();
         assert_eq!(f[0], 0x32, "QoS 1 PUBLISH");
@@ -706,9 +1043,9 @@ mod tests {
         // The retained one went through rumqttd: rumqttd delivers it to this connection, and
         // until it has, the next message goes that way too (order).
         assert!(!d.offer(&msg(inbox), k(inbox), false));
-        r.conn.relayed(k(inbox));
+        r.conn.relayed(mk(&d, inbox));
         assert!(r.conn.is_behind());
-        r.conn.relayed(k(inbox));
+        r.conn.relayed(mk(&d, inbox));
         assert!(!r.conn.is_behind());
         assert!(d.offer(&msg(inbox), k(inbox), false));
         r.conn.unsubscribed(&["fedmesh/v1/client/p/#".into()]);
@@ -804,8 +1141,8 @@ mod tests {
         // a must first get that one from rumqttd.
         drop(b);
         assert!(!d.offer(&msg(t), k(t), false));
-        a.conn.relayed(k(t));
-        a.conn.relayed(k(t));
+        a.conn.relayed(mk(&d, t));
+        a.conn.relayed(mk(&d, t));
         assert!(d.offer(&msg(t), k(t), false));
         assert_eq!(arx.len(), 1);
     }
@@ -822,23 +1159,15 @@ mod tests {
         assert!(!d.offer(&msg(t), k(t), false));
         let id = publish_pkid(&rx.try_recv().unwrap()).unwrap();
         assert_ne!(r.conn.puback(id), Ack::Forward);
-        r.conn.relayed(k(t));
+        r.conn.relayed(mk(&d, t));
         assert!(d.offer(&msg(t), k(t), false));
         // Wrap-around skips 1..=100.
-        let mut st = ConnState {
-            granted: Vec::new(),
-            pending: Vec::new(),
-            inflight: Vec::new(),
-            behind: Vec::new(),
-            next_pkid: u16::MAX,
-            off: false,
-            last_ping: Instant::now(),
-            synthetic_pings: 0,
-        };
+        let mut st = ConnState::new();
+        st.next_pkid = u16::MAX;
         assert_eq!(st.allocate(), u16::MAX);
         assert_eq!(st.allocate(), RUMQTTD_MAX_PKID + 1);
         // A conflict with rumqttd turns direct delivery off for the connection.
-        r.conn.rumqttd_pkid(RUMQTTD_MAX_PKID + 5, &d.metrics);
+        r.conn.rumqttd_publish(1, RUMQTTD_MAX_PKID + 5, &d.metrics);
         assert!(!d.offer(
             &msg("fedmesh/v1/client/p/inbox"),
             k("fedmesh/v1/client/p/inbox"),

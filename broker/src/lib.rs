@@ -311,6 +311,7 @@ impl Broker {
         let gate = Arc::new(gate::Gate::default());
         let direct = Arc::new(direct::Direct::new(
             defences.direct_delivery,
+            defences.direct_relay,
             metrics.clone(),
         ));
         let shared = Arc::new(ProxyShared {

@@ -115,6 +115,19 @@ metrics! {
     /// Connections that stopped taking direct messages because rumqttd used a packet id
     /// in the direct range (none expected with rumqttd 0.20).
     direct_pkid_conflicts,
+    /// Copies of clients' messages written to subscribers' connections by the proxy
+    /// directly, not through rumqttd (see `direct`).
+    relay_delivered,
+    /// Clients' messages on relayed topics that had to go through rumqttd (retained,
+    /// persistent session, shared or identified subscription, v5 properties, full queue, an
+    /// earlier message still at rumqttd, ...).
+    relay_fallbacks,
+    /// Clients' messages on relayed topics that nobody subscribes to (and no persistent
+    /// session may): dropped (a QoS 1 one acknowledged), as rumqttd would.
+    relay_unsubscribed,
+    /// Connections waiting for messages that went through rumqttd taken to have caught up
+    /// because rumqttd sent them nothing for a second (it dropped what they waited for).
+    direct_behind_resyncs,
 }
 
 impl Metrics {

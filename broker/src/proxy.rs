@@ -108,6 +108,8 @@ pub(crate) struct Defences {
     pub(crate) node_publish_after_suback: bool,
     /// Write the node's messages to a principal's connections directly (see `direct`).
     pub(crate) direct_delivery: bool,
+    /// Write clients' messages to their subscribers' connections directly (see `direct`).
+    pub(crate) direct_relay: bool,
 }
 
 impl Default for Defences {
@@ -120,6 +122,7 @@ impl Default for Defences {
             qos1_flow_control: true,
             node_publish_after_suback: true,
             direct_delivery: true,
+            direct_relay: true,
         }
     }
 }
@@ -825,6 +828,7 @@ async fn connection(
         inject: inject_tx,
         flow,
         direct: direct.clone(),
+        routes: direct::Routes::default(),
     };
     let (result, taken_over) = tokio::select! {
         r = session.client_to_broker(&mut client, &mut uw) => (r, false),
@@ -878,6 +882,14 @@ enum Inject {
     Close(Option<BytesMut>),
 }
 
+/// What became of a client's PUBLISH on a relayed topic (see [`Session::try_direct`]).
+enum Relayed {
+    /// Delivered directly, or to nobody: answer it.
+    Done,
+    /// Forward it; the connections of the route (if any) wait for it.
+    Rumqttd(Option<Arc<direct::Route>>),
+}
+
 struct Session<'a> {
     principal: String,
     version: Version,
@@ -893,6 +905,8 @@ struct Session<'a> {
     subacks: Arc<SubAcks>,
     /// This connection's subscriptions and packet ids for direct delivery.
     direct: Arc<direct::Conn>,
+    /// Who this connection's topics reach, for direct delivery.
+    routes: direct::Routes,
 }
 
 impl Session<'_> {
@@ -1052,19 +1066,21 @@ impl Session<'_> {
             {
                 // The node has it and no client could receive it through rumqttd: answer
                 // here instead of forwarding (see `direct`).
-                client.skip(h.frame_len()).await?;
-                if let Some(pkid) = ph.pkid {
-                    let ack = match self.version {
-                        Version::V4 => codec::encode_ack_v4(codec::PUBACK, pkid),
-                        Version::V5 => codec::encode_ack_v5(codec::PUBACK, pkid, 0),
-                    };
-                    self.inject(ack).await?;
-                }
-                if self.direct.ping_due() {
-                    uw.write_all(&[codec::PINGREQ << 4, 0]).await?;
-                }
-                return Ok(());
+                return self.answer(h, ph.pkid, client, uw).await;
             }
+            let route = match self
+                .try_direct(
+                    h,
+                    (ph.qos, ph.plain, ph.header_len),
+                    &topic,
+                    new_alias.is_some(),
+                    client,
+                )
+                .await?
+            {
+                Relayed::Done => return self.answer(h, ph.pkid, client, uw).await,
+                Relayed::Rumqttd(route) => route,
+            };
             // Charge the message to its subscribers before rumqttd can deliver it, or drop a
             // QoS 0 one that only reaches subscribers far behind (see `flow`).
             let behind = match self
@@ -1074,6 +1090,18 @@ impl Session<'_> {
                 flow::Charge::Forward(behind) => behind,
                 flow::Charge::Drop => return client.skip(h.frame_len()).await,
             };
+            if let Some(route) = route {
+                // Direct messages after it must not overtake it (see `direct`).
+                let payload_len = h.remaining - ph.header_len;
+                let start = h.header_len + ph.header_len;
+                client
+                    .ensure(start + payload_len.min(direct::MARK_PREFIX))
+                    .await?;
+                let prefix = &client.buf[start..start + payload_len.min(direct::MARK_PREFIX)];
+                self.sh
+                    .direct
+                    .route_behind(&route, &topic, payload_len, prefix);
+            }
             if ph.qos > 0 {
                 self.direct.forwarded_publish();
             }
@@ -1106,6 +1134,80 @@ impl Session<'_> {
         };
         if let Some(ack) = ack {
             self.inject(ack).await?;
+        }
+        Ok(())
+    }
+
+    /// Tries to deliver a client's PUBLISH on a relayed topic directly (see `direct`).
+    /// `Rumqttd(Some(route))`: it goes through rumqttd, and the connections on `route` must
+    /// wait for it there.
+    async fn try_direct<R: AsyncRead + Unpin>(
+        &mut self,
+        h: FixedHeader,
+        (qos, plain, vh_len): (u8, bool, usize),
+        topic: &str,
+        sets_alias: bool,
+        client: &mut FrameReader<R>,
+    ) -> Result<Relayed, ConnError> {
+        let d = &self.sh.direct;
+        if !d.relays(topic) {
+            return Ok(Relayed::Rumqttd(None));
+        }
+        let route = self.routes.get(d, topic);
+        if qos > 1
+            || h.flags() & 0x01 != 0
+            || sets_alias
+            || (qos == 1 && self.direct.has_publishes_at_rumqttd())
+        {
+            // QoS 2 and retained messages are rumqttd's; rumqttd must learn every topic
+            // alias (a later PUBLISH using it may go to rumqttd); a direct PUBACK would
+            // overtake rumqttd's for an earlier PUBLISH.
+            d.relay_fallback();
+            return Ok(Relayed::Rumqttd(Some(route)));
+        }
+        let whole = plain && h.remaining <= INSPECT_CAP;
+        let outcome = if whole {
+            // `publish` has the whole frame in the buffer already.
+            client.ensure(h.frame_len()).await?;
+            let m = direct::Message {
+                topic,
+                payload: &client.buf[h.header_len + vh_len..h.frame_len()],
+                qos,
+                correlation: None,
+            };
+            d.relay(&route, Some(&m))
+        } else {
+            d.relay(&route, None)
+        };
+        Ok(match outcome {
+            direct::Relay::Delivered | direct::Relay::Nobody => Relayed::Done,
+            direct::Relay::Rumqttd => Relayed::Rumqttd(Some(route)),
+        })
+    }
+
+    /// The proxy took a client's PUBLISH instead of forwarding it: drop its bytes,
+    /// acknowledge it (QoS 1), and ping rumqttd if the client's Keep Alive needs it.
+    async fn answer<R, W>(
+        &mut self,
+        h: FixedHeader,
+        pkid: Option<u16>,
+        client: &mut FrameReader<R>,
+        uw: &mut W,
+    ) -> Result<(), ConnError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        client.skip(h.frame_len()).await?;
+        if let Some(pkid) = pkid {
+            let ack = match self.version {
+                Version::V4 => codec::encode_ack_v4(codec::PUBACK, pkid),
+                Version::V5 => codec::encode_ack_v5(codec::PUBACK, pkid, 0),
+            };
+            self.inject(ack).await?;
+        }
+        if self.direct.ping_due() {
+            uw.write_all(&[codec::PINGREQ << 4, 0]).await?;
         }
         Ok(())
     }
@@ -1311,6 +1413,11 @@ where
                     None => return Ok(()),
                 },
                 Some(f) = direct_rx.recv() => write_client(cw, &f, m).await?,
+                () = tokio::time::sleep(direct::BEHIND_RESYNC), if direct.is_behind() && up.buf.is_empty() => {
+                    // rumqttd sent nothing for a while: what this connection waits for may
+                    // have been dropped there (see `direct`).
+                    direct.resync(m);
+                }
                 more = up.fill() => {
                     if !more? {
                         let _ = timeout(WRITE_STALL, cw.flush()).await;
@@ -1342,7 +1449,11 @@ where
                 if 4 + topic_len <= h.remaining {
                     up.ensure(h.header_len + 4 + topic_len).await?;
                     let at = at + 2 + topic_len;
-                    direct.rumqttd_pkid(u16::from_be_bytes([up.buf[at], up.buf[at + 1]]), m);
+                    direct.rumqttd_publish(
+                        (h.flags() >> 1) & 0x03,
+                        u16::from_be_bytes([up.buf[at], up.buf[at + 1]]),
+                        m,
+                    );
                 }
             }
             _ => {}
@@ -1361,16 +1472,25 @@ where
             }
         }
         if h.kind() == codec::PUBLISH && direct.is_behind() {
-            // One of the node's messages that went through rumqttd: direct messages may
-            // follow once all of them are through (see `direct`).
-            up.ensure(h.frame_len()).await?;
-            let body = &up.buf[h.header_len..h.frame_len()];
-            let (topic_len, header_len) = codec::publish_layout(h.flags(), body, version)?;
+            // Maybe a message that went through rumqttd: direct messages may follow once all
+            // of them are through (see `direct`).
+            let inspect = h.remaining.min(INSPECT_CAP);
+            up.ensure(h.header_len + inspect).await?;
+            let (topic_len, header_len) = codec::publish_layout(
+                h.flags(),
+                &up.buf[h.header_len..h.header_len + inspect],
+                version,
+            )?;
+            let payload_len = h.remaining.saturating_sub(header_len);
+            let want = header_len + payload_len.min(direct::MARK_PREFIX);
+            up.ensure(h.header_len + want).await?;
+            let body = &up.buf[h.header_len..h.header_len + want];
             let topic = body.get(2..2 + topic_len).unwrap_or_default();
-            direct.relayed(
-                sh.gate
-                    .key(topic, body.get(header_len..).unwrap_or_default()),
-            );
+            direct.relayed(sh.direct.mark(
+                topic,
+                payload_len,
+                body.get(header_len..).unwrap_or_default(),
+            ));
         }
         if h.kind() == codec::PUBLISH && !sh.gate.is_empty() {
             // A message of the node's may wait here for the flush that makes it true.

@@ -132,6 +132,7 @@ async fn alias_regression_test_fails_without_the_defence() {
     let off = Defences {
         strip_topic_alias_max: false,
         refuse_server_aliases: false,
+        direct_relay: false,
         ..Defences::default()
     };
     let (broker, _inbound) = Broker::start_with(settings(), off).unwrap();
@@ -148,6 +149,7 @@ async fn alias_regression_test_fails_without_the_defence() {
     let second = Defences {
         strip_topic_alias_max: false,
         refuse_server_aliases: true,
+        direct_relay: false,
         ..Defences::default()
     };
     let (broker, _inbound) = Broker::start_with(settings(), second).unwrap();
@@ -298,7 +300,9 @@ async fn round_trips(addr: SocketAddr, id: &str, n: usize) -> Vec<Duration> {
 async fn rumqttd_side_of_proxied_connections_has_nodelay() {
     use crate::nodelay::{Mechanism, accepted_nodelay};
 
-    let (broker, _inbound) = Broker::start(settings()).unwrap();
+    // Client → client messages through rumqttd (as retained ones and those for persistent
+    // sessions still go), not directly.
+    let (broker, _inbound) = Broker::start_with(settings(), via_rumqttd()).unwrap();
     assert_eq!(broker.nodelay_mechanism(), Mechanism::ListenerNodelay);
     assert_eq!(broker.metrics().internal_listeners_nodelay, 2);
     let internal = broker.internal.addr_of(Version::V4);
@@ -317,7 +321,7 @@ async fn rumqttd_side_of_proxied_connections_has_nodelay() {
     let off = Defences {
         listener_nodelay: false,
         upstream_quickack: false,
-        ..Defences::default()
+        ..via_rumqttd()
     };
     let (broker, _inbound) = Broker::start_with(settings(), off).unwrap();
     assert_eq!(broker.nodelay_mechanism(), Mechanism::QuickAck);
@@ -341,7 +345,7 @@ async fn rumqttd_side_of_proxied_connections_has_nodelay() {
 async fn quickack_fallback_avoids_stalls() {
     let fallback = Defences {
         listener_nodelay: false,
-        ..Defences::default()
+        ..via_rumqttd()
     };
     let (broker, _inbound) = Broker::start_with(settings(), fallback).unwrap();
     let took = round_trips(broker.local_addr_v4(), "qa", 40).await;
@@ -611,6 +615,14 @@ async fn read_whole_frame(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
     (first, body)
 }
 
+/// The defences, with clients' messages to each other relayed by rumqttd, not directly.
+fn via_rumqttd() -> Defences {
+    Defences {
+        direct_relay: false,
+        ..Defences::default()
+    }
+}
+
 fn node_msg(topic: &str, payload: String) -> crate::Outbound {
     crate::Outbound {
         topic: topic.to_owned(),
@@ -628,7 +640,7 @@ async fn direct_and_relayed_qos1_messages_share_a_connection() {
     // connection. The client acknowledges both kinds: if an acknowledgement of a direct
     // message reached rumqttd (whose in-flight window is 100 and which does not take
     // out-of-order acks), or one of rumqttd's were kept from it, rumqttd would stop.
-    let (broker, _inbound) = Broker::start_with(settings(), Defences::default()).unwrap();
+    let (broker, _inbound) = Broker::start_with(settings(), via_rumqttd()).unwrap();
     let addr = broker.local_addr_v5().unwrap();
     let (c, mut rx) = connected(addr, "mix").await;
     for f in ["fedmesh/v1/client/mix/inbox", "t/mix"] {
@@ -783,5 +795,290 @@ async fn the_proxy_answers_node_api_publishes_nobody_else_can_receive() {
     let got = timeout(WAIT, inbound.recv()).await.unwrap().unwrap();
     assert_eq!(&got.payload[..], b"two");
     assert_eq!(broker.metrics().direct_kept, 1);
+    broker.shutdown().await;
+}
+
+/// A raw MQTT 3.1.1 connection with client id `id`, once its CONNACK is in.
+async fn raw_v4(addr: SocketAddr, id: &str, clean: bool, keep_alive: u16) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut c = vec![
+        0x10,
+        (10 + 2 + id.len()) as u8,
+        0,
+        4,
+        b'M',
+        b'Q',
+        b'T',
+        b'T',
+        4,
+    ];
+    c.push(if clean { 0x02 } else { 0 });
+    c.extend_from_slice(&keep_alive.to_be_bytes());
+    c.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    c.extend_from_slice(id.as_bytes());
+    s.write_all(&c).await.unwrap();
+    let (first, body) = read_whole_frame(&mut s).await;
+    assert_eq!((first, body[1]), (0x20, 0), "CONNACK accepted");
+    s
+}
+
+async fn raw_subscribe(s: &mut tokio::net::TcpStream, pkid: u16, filter: &str, qos: u8) {
+    let mut f = vec![0x82, (2 + 2 + filter.len() + 1) as u8];
+    f.extend_from_slice(&pkid.to_be_bytes());
+    f.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    f.extend_from_slice(filter.as_bytes());
+    f.push(qos);
+    s.write_all(&f).await.unwrap();
+    let (first, body) = read_whole_frame(s).await;
+    assert_eq!(first, 0x90, "SUBACK");
+    assert_eq!(body[2], qos, "granted");
+}
+
+/// A PUBLISH frame (MQTT 3.1.1; `pkid` for QoS 1).
+fn raw_publish(topic: &str, pkid: Option<u16>, retain: bool, payload: &[u8]) -> Vec<u8> {
+    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+    body.extend_from_slice(topic.as_bytes());
+    if let Some(id) = pkid {
+        body.extend_from_slice(&id.to_be_bytes());
+    }
+    body.extend_from_slice(payload);
+    let mut f = vec![0x30 | if pkid.is_some() { 0x02 } else { 0 } | u8::from(retain)];
+    assert!(body.len() < 128);
+    f.push(body.len() as u8);
+    f.extend_from_slice(&body);
+    f
+}
+
+/// (topic, payload) of a PUBLISH body received by a 3.1.1 client; acknowledges QoS 1.
+async fn raw_receive(s: &mut tokio::net::TcpStream) -> (String, String) {
+    loop {
+        let (first, body) = timeout(WAIT, read_whole_frame(s))
+            .await
+            .expect("a PUBLISH in time");
+        if first >> 4 != 3 {
+            continue;
+        }
+        let tl = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        let topic = String::from_utf8(body[2..2 + tl].to_vec()).unwrap();
+        let mut at = 2 + tl;
+        if first & 0x06 != 0 {
+            s.write_all(&[0x40, 2, body[at], body[at + 1]])
+                .await
+                .unwrap();
+            at += 2;
+        }
+        return (topic, String::from_utf8(body[at..].to_vec()).unwrap());
+    }
+}
+
+#[tokio::test]
+async fn client_messages_go_directly_and_stay_in_order_when_some_go_through_rumqttd() {
+    // A publisher and a QoS 1 wildcard subscriber: messages go from the publisher's proxy
+    // task into the subscriber's connection. The sixth of every ten is retained, so it goes
+    // through rumqttd (which stores it); the direct ones after it must not overtake it.
+    let (broker, _inbound) = Broker::start_with(settings(), Defences::default()).unwrap();
+    let addr = broker.local_addr_v4();
+    let mut sub = raw_v4(addr, "rs", true, 30).await;
+    raw_subscribe(&mut sub, 1, "r/#", 1).await;
+    let mut publ = raw_v4(addr, "rp", true, 30).await;
+    let (mut got, mut acks) = (Vec::new(), Vec::new());
+    // QoS 0 first, then QoS 1 (whose PUBACKs must keep the PUBLISHes' order too, though
+    // the proxy acknowledges the direct ones and rumqttd the others).
+    for qos1 in [false, true] {
+        for group in 0..20u16 {
+            let mut burst = Vec::new();
+            for i in group * 10 + 1..=group * 10 + 10 {
+                let pkid = qos1.then_some(i);
+                burst.extend(raw_publish(
+                    "r/x",
+                    pkid,
+                    i % 10 == 6,
+                    format!("{i}").as_bytes(),
+                ));
+            }
+            publ.write_all(&burst).await.unwrap();
+            for _ in 0..10 {
+                let (topic, payload) = raw_receive(&mut sub).await;
+                assert_eq!(topic, "r/x");
+                got.push(payload.parse::<u16>().unwrap());
+            }
+            while qos1 && acks.len() < usize::from(group * 10 + 10) {
+                let (first, body) = timeout(WAIT, read_whole_frame(&mut publ)).await.unwrap();
+                assert_eq!(first, 0x40, "PUBACK");
+                acks.push(u16::from_be_bytes([body[0], body[1]]));
+            }
+        }
+        let m = broker.metrics();
+        assert_eq!(got, (1..=200).collect::<Vec<_>>(), "qos1: {qos1}, {m:?}");
+        assert!(m.relay_delivered >= 50, "qos1: {qos1}, {m:?}");
+        assert!(m.relay_fallbacks >= 20, "qos1: {qos1}, {m:?}");
+        got.clear();
+    }
+    assert_eq!(acks, (1..=200).collect::<Vec<_>>());
+    // PUBACK order across topics: `q/s` goes through rumqttd (a shared subscription), and
+    // the `r/x` after each must not be acknowledged (directly) before it.
+    let mut shared = raw_v4(addr, "rq", true, 30).await;
+    raw_subscribe(&mut shared, 1, "$share/g/q/#", 1).await;
+    let mut burst = Vec::new();
+    for i in 1..=50u16 {
+        let topic = if i % 2 == 1 { "q/s" } else { "r/x" };
+        burst.extend(raw_publish(
+            topic,
+            Some(i),
+            false,
+            format!("{i}").as_bytes(),
+        ));
+    }
+    publ.write_all(&burst).await.unwrap();
+    acks.clear();
+    while acks.len() < 50 {
+        let (first, body) = timeout(WAIT, read_whole_frame(&mut publ)).await.unwrap();
+        assert_eq!(first, 0x40, "PUBACK");
+        acks.push(u16::from_be_bytes([body[0], body[1]]));
+    }
+    assert_eq!(acks, (1..=50).collect::<Vec<_>>());
+    for (s, first) in [(&mut shared, 1), (&mut sub, 2)] {
+        let mut got = Vec::new();
+        while got.len() < 25 {
+            got.push(raw_receive(s).await.1.parse::<u16>().unwrap());
+        }
+        assert_eq!(got, (first..=50).step_by(2).collect::<Vec<_>>());
+    }
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_persistent_subscriber_gets_what_was_published_while_it_was_away() {
+    // rumqttd keeps an absent persistent session's subscriptions and queues: messages for
+    // it must go through rumqttd even though no connection subscribes right now.
+    let (broker, _inbound) = Broker::start_with(settings(), Defences::default()).unwrap();
+    let addr = broker.local_addr_v4();
+    let mut away = raw_v4(addr, "away", false, 30).await;
+    raw_subscribe(&mut away, 1, "away/#", 1).await;
+    away.write_all(&[0xe0, 0]).await.unwrap(); // DISCONNECT
+    drop(away);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut publ = raw_v4(addr, "ap", true, 30).await;
+    for i in 1..=5u16 {
+        publ.write_all(&raw_publish(
+            "away/x",
+            Some(i),
+            false,
+            format!("{i}").as_bytes(),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(read_frame(&mut publ).await, 0x40, "PUBACK");
+    }
+    // A topic nobody subscribes to: the proxy acknowledges it and drops it.
+    publ.write_all(&raw_publish("nobody/x", Some(6), false, b"6"))
+        .await
+        .unwrap();
+    assert_eq!(read_frame(&mut publ).await, 0x40, "PUBACK");
+    let mut back = raw_v4(addr, "away", false, 30).await;
+    let mut got = Vec::new();
+    for _ in 1..=5 {
+        got.push(raw_receive(&mut back).await.1);
+    }
+    assert_eq!(got, ["1", "2", "3", "4", "5"]);
+    let m = broker.metrics();
+    assert_eq!(m.relay_unsubscribed, 1, "{m:?}");
+    assert_eq!(m.relay_delivered, 0, "{m:?}");
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_publisher_whose_messages_all_go_directly_stays_connected() {
+    // Keep Alive 2 s: rumqttd closes a connection it heard nothing from for 3 s. This client
+    // only publishes QoS 0 messages that go directly (it need not ping while it sends), so
+    // the proxy pings rumqttd for it.
+    let (broker, _inbound) = Broker::start_with(settings(), Defences::default()).unwrap();
+    let addr = broker.local_addr_v4();
+    let mut sub = raw_v4(addr, "ka-sub", true, 30).await;
+    raw_subscribe(&mut sub, 1, "ka/x", 0).await;
+    let mut publ = raw_v4(addr, "ka-pub", true, 2).await;
+    let start = tokio::time::Instant::now();
+    let mut i = 0;
+    while start.elapsed() < Duration::from_millis(4500) {
+        publ.write_all(&raw_publish("ka/x", None, false, format!("{i}").as_bytes()))
+            .await
+            .unwrap();
+        assert_eq!(raw_receive(&mut sub).await.1, format!("{i}"));
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Still connected: a QoS 1 publish (which rumqttd acknowledges, as a PUBLISH at rumqttd
+    // goes first) gets its PUBACK.
+    publ.write_all(&raw_publish("ka/x", Some(1), true, b"last"))
+        .await
+        .unwrap();
+    assert_eq!(
+        timeout(WAIT, read_frame(&mut publ)).await.unwrap(),
+        0x40,
+        "PUBACK"
+    );
+    assert_eq!(raw_receive(&mut sub).await.1, "last");
+    assert!(broker.metrics().relay_delivered >= 15);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn v5_properties_and_shared_subscriptions_go_through_rumqttd() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    let (broker, _inbound) = Broker::start_with(settings(), Defences::default()).unwrap();
+    let addr = broker.local_addr_v5().unwrap();
+    let (sub, mut rx) = connected(addr, "props-sub").await;
+    sub.subscribe("p/x", Q5::AtLeastOnce).await.unwrap();
+    next(&mut rx, |p| matches!(p, P5::SubAck(_)).then_some(()))
+        .await
+        .unwrap();
+    let (publ, _prx) = connected(addr, "props-pub").await;
+    let props = PublishProperties {
+        user_properties: vec![("k".into(), "v".into())],
+        content_type: Some("text/plain".into()),
+        ..PublishProperties::default()
+    };
+    publ.publish_with_properties("p/x", Q5::AtLeastOnce, false, "with", props)
+        .await
+        .unwrap();
+    publ.publish("p/x", Q5::AtLeastOnce, false, "without")
+        .await
+        .unwrap();
+    let with = next(&mut rx, |p| match p {
+        P5::Publish(p) => Some(p),
+        _ => None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(&with.payload[..], b"with");
+    let got = with.properties.unwrap_or_default();
+    assert_eq!(got.user_properties, vec![("k".to_owned(), "v".to_owned())]);
+    assert_eq!(got.content_type.as_deref(), Some("text/plain"));
+    let without = next(&mut rx, |p| match p {
+        P5::Publish(p) => Some(p),
+        _ => None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(&without.payload[..], b"without");
+    // A shared subscription: rumqttd picks the member, so everything on it goes there.
+    sub.subscribe("$share/g/s/x", Q5::AtLeastOnce)
+        .await
+        .unwrap();
+    next(&mut rx, |p| matches!(p, P5::SubAck(_)).then_some(()))
+        .await
+        .unwrap();
+    let before = broker.metrics().relay_fallbacks;
+    publ.publish("s/x", Q5::AtLeastOnce, false, "shared")
+        .await
+        .unwrap();
+    let shared = next(&mut rx, |p| match p {
+        P5::Publish(p) => Some(p),
+        _ => None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(&shared.payload[..], b"shared");
+    assert!(broker.metrics().relay_fallbacks > before);
     broker.shutdown().await;
 }
