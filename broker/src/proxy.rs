@@ -1471,16 +1471,21 @@ where
                 return Err(ConnError::ServerAlias);
             }
         }
-        if h.kind() == codec::PUBLISH && direct.is_behind() {
-            // Maybe a message that went through rumqttd: direct messages may follow once all
-            // of them are through (see `direct`).
+        // Topic and variable-header lengths of a PUBLISH, where they are needed.
+        let layout = if h.kind() == codec::PUBLISH && (direct.is_behind() || meter.active()) {
             let inspect = h.remaining.min(INSPECT_CAP);
             up.ensure(h.header_len + inspect).await?;
-            let (topic_len, header_len) = codec::publish_layout(
+            Some(codec::publish_layout(
                 h.flags(),
                 &up.buf[h.header_len..h.header_len + inspect],
                 version,
-            )?;
+            )?)
+        } else {
+            None
+        };
+        if let Some((topic_len, header_len)) = layout.filter(|_| direct.is_behind()) {
+            // Maybe a message that went through rumqttd: direct messages may follow once all
+            // of them are through (see `direct`).
             let payload_len = h.remaining.saturating_sub(header_len);
             let want = header_len + payload_len.min(direct::MARK_PREFIX);
             up.ensure(h.header_len + want).await?;
@@ -1512,14 +1517,7 @@ where
                 }
             }
         }
-        if h.kind() == codec::PUBLISH && meter.active() {
-            let inspect = h.remaining.min(INSPECT_CAP);
-            up.ensure(h.header_len + inspect).await?;
-            let (topic_len, header_len) = codec::publish_layout(
-                h.flags(),
-                &up.buf[h.header_len..h.header_len + inspect],
-                version,
-            )?;
+        if let Some((topic_len, header_len)) = layout.filter(|_| meter.active()) {
             meter.delivered(
                 flow::cost(topic_len, h.remaining.saturating_sub(header_len)),
                 low,
