@@ -6,11 +6,12 @@
 #                  (with set_tcp_nodelay true: the reference for the goals);
 #   mosq-nagle     the same without set_tcp_nodelay (mosquitto's default), which moves
 #                  more messages per second at QoS 1 (fewer, fuller TCP segments);
-#   node           target/release/fedmesh run (defaults: proxy + embedded rumqttd);
-#   node+nodelay   (diagnostic, BENCH_DIAG=1, the default) the same node binary under
-#                  bench/diag/nodelay-preload.c, an LD_PRELOAD shim that sets TCP_NODELAY
-#                  on every accepted socket: it shows what the missing TCP_NODELAY on
-#                  rumqttd's side of the node's internal proxy -> rumqttd hop costs.
+#   node           target/release/fedmesh run (defaults: proxy + embedded rumqttd; the
+#                  proxy delivers client -> client messages directly when it can);
+#   node-rumqttd   (BENCH_DIAG=1, the default) the same node with mqtt.direct_delivery =
+#                  false: every message passes through rumqttd (the path before direct
+#                  delivery, and still the path of retained messages, persistent sessions
+#                  and shared subscriptions).
 # Matrix (each cell REPS times, brokers interleaved, order alternating; medians):
 #   throughput, as fast as possible: QoS 0/1 x 64 B/1 KiB x 1->1/1->4 (fan-out);
 #   latency at a fixed rate: QoS 0, 64 B, 1 K msg/s (5 s) and 50 K msg/s (3 s).
@@ -87,11 +88,11 @@ start_mosquitto() { # name nodelay(true|false)
 start_mosquitto mosquitto true
 start_mosquitto mosq-nagle false
 
-start_node() { # name [LD_PRELOAD]
-  local name=$1 preload=${2:-} data v5 http
+start_node() { # name [direct_delivery]
+  local name=$1 direct=${2:-true} data v5 http
   data=$(mktemp -d -p "$WORK")
   PORT[$name]=$(free_port); v5=$(free_port); http=$(free_port)
-  env ${preload:+LD_PRELOAD=$preload} \
+  env FEDMESH_MQTT__DIRECT_DELIVERY="$direct" \
     FEDMESH_DATA_DIR="$data" \
     FEDMESH_MQTT__LISTEN_V4="127.0.0.1:${PORT[$name]}" \
     FEDMESH_MQTT__LISTEN_V5="127.0.0.1:$v5" \
@@ -104,12 +105,8 @@ start_node() { # name [LD_PRELOAD]
 }
 start_node node
 if [ "$DIAG" = 1 ]; then
-  if cc -O2 -shared -fPIC -o "$WORK/nodelay-preload.so" bench/diag/nodelay-preload.c -ldl 2>"$WORK/cc.log"; then
-    start_node node+nodelay "$WORK/nodelay-preload.so"
-    BROKERS+=(node+nodelay)
-  else
-    echo "no C compiler: skipping the node+nodelay diagnostic" >&2
-  fi
+  start_node node-rumqttd false
+  BROKERS+=(node-rumqttd)
 fi
 sleep 1 # let the nodes finish starting (p2p, store)
 
@@ -178,10 +175,10 @@ report() {
     def pct: if . == null then "–" elif . == 0 then "0" elif . < 0.01 then "<0.01 %" else "\((. * 100 | round) / 100) %" end;
     def ratio($a; $b): if $a == null or $b == null or $b == 0 then "–" else "\(($a / $b * 100 | round) / 100)×" end;
     def us1: if . == null then "–" else "\((. * 10 | round) / 10)" end;
-    def names: {"mosquitto": "mosquitto", "mosq-nagle": "mosquitto (Nagle)", "node": "node", "node+nodelay": "node+nodelay (diag)"};
+    def names: {"mosquitto": "mosquitto", "mosq-nagle": "mosquitto (Nagle)", "node": "node", "node-rumqttd": "node (via rumqttd)"};
     map(select(.failed | not)) as $runs
     | ($runs | map(.broker) | unique) as $present
-    | [("mosquitto", "mosq-nagle", "node", "node+nodelay") as $b | select($present | index($b)) | $b] as $B
+    | [("mosquitto", "mosq-nagle", "node", "node-rumqttd") as $b | select($present | index($b)) | $b] as $B
     | ($runs | group_by(.cell, .broker) | map({
         key: "\(.[0].cell)|\(.[0].broker)",
         value: {

@@ -310,8 +310,8 @@ impl Broker {
         );
         let gate = Arc::new(gate::Gate::default());
         let direct = Arc::new(direct::Direct::new(
-            defences.direct_delivery,
-            defences.direct_relay,
+            defences.direct_delivery && settings.direct_delivery,
+            defences.direct_relay && settings.direct_delivery,
             metrics.clone(),
         ));
         let shared = Arc::new(ProxyShared {

@@ -29,6 +29,9 @@ pub struct BrokerSettings {
     pub connect_timeout: Duration,
     /// Depth of the inbound (to the node) and outbound (from the node) queues.
     pub queue_depth: usize,
+    /// Let the proxy write messages into subscribers' connections itself when it can (see
+    /// the `direct` module); `false`: everything passes through rumqttd.
+    pub direct_delivery: bool,
 }
 
 impl Default for BrokerSettings {
@@ -45,6 +48,7 @@ impl Default for BrokerSettings {
             memory_budget_bytes: 256 * 1024 * 1024,
             connect_timeout: Duration::from_secs(5),
             queue_depth: 1024,
+            direct_delivery: true,
         }
     }
 }

@@ -29,6 +29,7 @@ fn settings() -> BrokerSettings {
         memory_budget_bytes: 16 * 1024 * 1024,
         connect_timeout: Duration::from_secs(2),
         queue_depth: 64,
+        direct_delivery: true,
     }
 }
 
@@ -1080,5 +1081,31 @@ async fn v5_properties_and_shared_subscriptions_go_through_rumqttd() {
     .unwrap();
     assert_eq!(&shared.payload[..], b"shared");
     assert!(broker.metrics().relay_fallbacks > before);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn direct_delivery_can_be_switched_off() {
+    // `mqtt.direct_delivery = false`: everything passes through rumqttd.
+    let mut s = settings();
+    s.direct_delivery = false;
+    let (broker, _inbound) = Broker::start_with(s, Defences::default()).unwrap();
+    let addr = broker.local_addr_v4();
+    let mut sub = raw_v4(addr, "off-sub", true, 30).await;
+    raw_subscribe(&mut sub, 1, "off/#", 1).await;
+    let mut publ = raw_v4(addr, "off-pub", true, 30).await;
+    publ.write_all(&raw_publish("off/x", Some(1), false, b"x"))
+        .await
+        .unwrap();
+    assert_eq!(raw_receive(&mut sub).await.1, "x");
+    broker
+        .publish(node_msg("fedmesh/v1/client/off-sub/inbox", "n".into()))
+        .unwrap();
+    let m = broker.metrics();
+    assert_eq!(
+        (m.relay_delivered, m.relay_fallbacks, m.direct_delivered),
+        (0, 0, 0),
+        "{m:?}"
+    );
     broker.shutdown().await;
 }

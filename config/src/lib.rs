@@ -89,6 +89,10 @@ pub struct MqttConfig {
     pub memory_budget_mb: u64,
     /// Time a client has to send CONNECT.
     pub connect_timeout_ms: u64,
+    /// Let the front proxy write messages straight into their subscribers' connections when
+    /// it can match what the embedded broker would do; `false`: every message passes through
+    /// rumqttd (slower; an escape hatch, and the baseline of the benchmarks).
+    pub direct_delivery: bool,
 }
 
 /// `[p2p]` section.
@@ -197,6 +201,7 @@ impl Default for MqttConfig {
             max_payload_bytes: 262_144,
             memory_budget_mb: 256,
             connect_timeout_ms: 5_000,
+            direct_delivery: true,
         }
     }
 }

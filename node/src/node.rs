@@ -133,6 +133,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         memory_budget_bytes: cfg.mqtt.memory_budget_mb * 1024 * 1024,
         connect_timeout: Duration::from_millis(cfg.mqtt.connect_timeout_ms),
         queue_depth: cfg.limits.max_queue_depth,
+        direct_delivery: cfg.mqtt.direct_delivery,
     };
     let (broker, inbound) = Broker::start(settings).context("starting the MQTT broker")?;
     let broker = Arc::new(broker);

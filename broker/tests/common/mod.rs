@@ -25,6 +25,7 @@ pub fn settings() -> BrokerSettings {
         memory_budget_bytes: 32 * 1024 * 1024,
         connect_timeout: Duration::from_millis(1500),
         queue_depth: 256,
+        direct_delivery: true,
     }
 }
 
