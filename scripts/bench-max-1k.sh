@@ -9,7 +9,10 @@
 #
 # Needs root (chrt -f, and writing /sys/kernel/mm/damon/admin/kdamonds/0/state; DAMON is
 # left as it was found). Prints one line per run: max, p99.9 and p99 in µs, and the
-# host's steal ticks during the run.
+# host's steal ticks during the run. Brokers: the node, the node with
+# mqtt.direct_delivery = false (every message through rumqttd), and mosquitto.
+# DAMON_STATES ("on off") and MODES ("default fifo") narrow the matrix, e.g.
+# DAMON_STATES=on MODES=default for the machine as it is (no root needed then).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=${1:-3}
@@ -26,34 +29,42 @@ NP=$(free_port); V5=$(free_port); H=$(free_port)
 FEDMESH_DATA_DIR=$WORK/d FEDMESH_MQTT__LISTEN_V4=127.0.0.1:$NP FEDMESH_MQTT__LISTEN_V5=127.0.0.1:$V5 \
   FEDMESH_HTTP__LISTEN=127.0.0.1:$H FEDMESH_NODE__LOG=warn ./target/release/fedmesh run >"$WORK/n.log" 2>&1 &
 NPID=$!
+RP=$(free_port); V5=$(free_port); H=$(free_port)
+FEDMESH_DATA_DIR=$WORK/r FEDMESH_MQTT__LISTEN_V4=127.0.0.1:$RP FEDMESH_MQTT__LISTEN_V5=127.0.0.1:$V5 \
+  FEDMESH_HTTP__LISTEN=127.0.0.1:$H FEDMESH_NODE__LOG=warn FEDMESH_MQTT__DIRECT_DELIVERY=false \
+  ./target/release/fedmesh run >"$WORK/r.log" 2>&1 &
+RPID=$!
 DAMON=/sys/kernel/mm/damon/admin/kdamonds/0/state
 DAMON_WAS=$(cat "$DAMON" 2>/dev/null || echo none)
 # Writing the state it already has fails (EBUSY).
 set_damon() { [ "$(cat "$DAMON")" = "$1" ] || echo "$1" >"$DAMON"; }
 restore() {
   [ "$DAMON_WAS" = none ] || set_damon "$DAMON_WAS" || true
-  kill "$MPID" "$NPID" 2>/dev/null || true
+  kill "$MPID" "$NPID" "$RPID" 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap restore EXIT
 wait_port "$MP" "$MPID"
 wait_port "$NP" "$NPID"
+wait_port "$RP" "$RPID"
 sleep 1 # let the node finish starting (p2p, store)
 steal() { awk '/^cpu /{print $9}' /proc/stat; }
-damon_states=(on off)
+read -r -a damon_states <<<"${DAMON_STATES:-on off}"
+read -r -a modes <<<"${MODES:-default fifo}"
 [ "$DAMON_WAS" = none ] && damon_states=(absent)
 for i in $(seq "$R"); do
   for damon in "${damon_states[@]}"; do
     [ "$damon" = absent ] || set_damon "$damon"
-    for mode in default fifo; do
+    for mode in "${modes[@]}"; do
       pre=()
       if [ "$mode" = fifo ]; then
-        chrt -a -f -p 10 "$MPID" >/dev/null; chrt -a -f -p 10 "$NPID" >/dev/null; pre=(chrt -f 10)
-      else
-        chrt -a -o -p 0 "$MPID" >/dev/null; chrt -a -o -p 0 "$NPID" >/dev/null
+        for p in "$MPID" "$NPID" "$RPID"; do chrt -a -f -p 10 "$p" >/dev/null; done
+        pre=(chrt -f 10)
+      elif [ "${MODES:-}" != default ]; then
+        for p in "$MPID" "$NPID" "$RPID"; do chrt -a -o -p 0 "$p" >/dev/null; done
       fi
-      for b in node mosquitto; do
-        p=$NP; [ "$b" = mosquitto ] && p=$MP
+      for b in node node-rumqttd mosquitto; do
+        case $b in node) p=$NP ;; node-rumqttd) p=$RP ;; *) p=$MP ;; esac
         s0=$(steal)
         r=$("${pre[@]}" ./target/release/mqtt-load --port "$p" --rate 1000 --duration "$D" --json 2>/dev/null |
           tail -1 | jq -r '[.latency_us.max, .latency_us.p999, .latency_us.p99] | @tsv')

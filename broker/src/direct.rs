@@ -64,7 +64,7 @@
 //! for its connections at once (so that the capacity check and the packet id are settled)
 //! and written when the node releases it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -83,8 +83,9 @@ use crate::metrics::Metrics;
 
 /// Direct frames queued for one connection.
 pub(crate) const QUEUE: usize = 256;
-/// Unacknowledged direct QoS 1 messages per connection.
-pub(crate) const MAX_INFLIGHT: usize = 64;
+/// Unacknowledged direct QoS 1 messages per connection (as many as its queue holds: past
+/// this, messages go through rumqttd, and the paths alternate, which costs throughput).
+pub(crate) const MAX_INFLIGHT: usize = QUEUE;
 /// Highest packet id rumqttd 0.20 gives a QoS 1 message it sends.
 pub(crate) const RUMQTTD_MAX_PKID: u16 = 100;
 /// SUBSCRIBEs of one connection awaiting rumqttd's SUBACK that are tracked; past this the
@@ -225,7 +226,9 @@ struct ConnState {
     granted: Vec<Sub>,
     /// SUBSCRIBEs forwarded to rumqttd, by packet id, until their SUBACK.
     pending: Vec<(u16, Vec<Sub>)>,
-    inflight: Vec<u16>,
+    /// Packet ids of unacknowledged direct QoS 1 messages, oldest first (clients mostly
+    /// acknowledge in order, so the search ends at the front).
+    inflight: VecDeque<u16>,
     /// Marks of messages sent through rumqttd that this connection may get from rumqttd:
     /// until it has, direct messages would overtake them.
     behind: Vec<Mark>,
@@ -241,7 +244,7 @@ impl ConnState {
         Self {
             granted: Vec::new(),
             pending: Vec::new(),
-            inflight: Vec::new(),
+            inflight: VecDeque::new(),
             behind: Vec::new(),
             next_pkid: RUMQTTD_MAX_PKID + 1,
             off: false,
@@ -735,7 +738,7 @@ impl ConnState {
                 id + 1
             };
             if !self.inflight.contains(&id) {
-                self.inflight.push(id);
+                self.inflight.push_back(id);
                 return id;
             }
         }
@@ -835,7 +838,7 @@ impl Conn {
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
             return Ack::Forward;
         };
-        st.inflight.swap_remove(i);
+        st.inflight.remove(i);
         if self.ping_due_locked(&mut st) {
             return Ack::KeepAndPing;
         }
