@@ -45,6 +45,12 @@
 //! (a slow subscriber past its log, a subscription that was refused): a connection that is
 //! behind, has no QoS 1 message of rumqttd's unacknowledged and got nothing from rumqttd
 //! for [`BEHIND_RESYNC`] is taken to have caught up (counted in `direct_behind_resyncs`).
+//! rumqttd also sends a new subscription the retained messages it matches, after the
+//! SUBACK: the proxy tracks which topics have a retained message ([`Retained`]: retained
+//! PUBLISHes it forwards, the node's, and retained Wills that may fire), and a granted
+//! subscription leaves its connection behind until as many messages with the RETAIN flag
+//! (rumqttd clears it on live deliveries) as match have come from rumqttd, or until the
+//! resync; else a direct message could overtake an older retained value.
 //!
 //! **Lock order.** A delivery holds the state of every target connection at once (to check
 //! them all, then commit): targets are always locked in ascending connection id.
@@ -64,7 +70,7 @@
 //! for its connections at once (so that the capacity check and the packet id are settled)
 //! and written when the node releases it.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -107,6 +113,11 @@ pub(crate) const MAX_PRINCIPALS: usize = 65_536;
 pub(crate) const MAX_GHOSTS: usize = 4096;
 /// Payload bytes a [`Mark`] covers (with the topic and the payload's length).
 pub(crate) const MARK_PREFIX: usize = 4096;
+/// Topics with a retained message tracked; past this many, every new subscription waits
+/// for rumqttd as if a retained message matched it.
+pub(crate) const MAX_RETAINED_TOPICS: usize = 65_536;
+/// Retained messages a new subscription waits for at most (the rest: [`BEHIND_RESYNC`]).
+const MAX_RETAINED_WAIT: usize = 64;
 /// A connection behind rumqttd that got nothing from it for this long, with none of
 /// rumqttd's QoS 1 messages unacknowledged, is taken to have caught up.
 pub(crate) const BEHIND_RESYNC: Duration = Duration::from_secs(1);
@@ -122,6 +133,35 @@ type Ready = (OwnedPermit<BytesMut>, BytesMut);
 /// of its topic, its payload's length and the first [`MARK_PREFIX`] payload bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Mark(u64);
+
+impl Mark {
+    /// Stands for a retained message rumqttd sends after a SUBACK (recognised by its RETAIN
+    /// flag: rumqttd clears it on live deliveries). Never the mark of a message.
+    const RETAINED: Mark = Mark(0);
+}
+
+/// The topics that have a retained message at rumqttd, as far as the proxy has seen them
+/// published (by clients, by the node, or as a Will that may fire).
+#[derive(Debug, Default)]
+pub(crate) struct Retained {
+    topics: Mutex<HashSet<String>>,
+    /// More than [`MAX_RETAINED_TOPICS`] were seen: any filter may match one.
+    overflow: AtomicBool,
+}
+
+impl Retained {
+    /// How many tracked retained messages `sub` matches (capped).
+    fn matching(&self, sub: &Sub) -> usize {
+        if self.overflow.load(Ordering::Acquire) {
+            return 1;
+        }
+        lock(&self.topics)
+            .iter()
+            .filter(|t| sub.matches(t))
+            .take(MAX_RETAINED_WAIT)
+            .count()
+    }
+}
 
 /// A message as direct delivery sees it.
 #[derive(Debug, Clone, Copy)]
@@ -162,6 +202,8 @@ pub(crate) struct Direct {
     ghosts: Mutex<Vec<Sub>>,
     /// More than [`MAX_GHOSTS`] ghost filters: no client message goes direct any more.
     ghosts_full: AtomicBool,
+    /// Topics with a retained message (see [`Direct::retained`]).
+    retained: Arc<Retained>,
     /// Frames of held messages, written when the node releases them.
     deferred: Mutex<HashMap<Held, Vec<Ready>>>,
     /// More than [`MAX_PRINCIPALS`] principals were seen: none of the node's messages goes
@@ -218,6 +260,8 @@ pub(crate) struct Conn {
     behind: AtomicBool,
     /// The registry's subscription generation (bumped on every change here).
     generation: Arc<AtomicU64>,
+    /// The registry's retained topics (a new subscription waits for what matches).
+    retained: Arc<Retained>,
     state: Mutex<ConnState>,
 }
 
@@ -375,6 +419,7 @@ impl Direct {
             generation: Arc::default(),
             ghosts: Mutex::default(),
             ghosts_full: AtomicBool::new(false),
+            retained: Arc::default(),
             deferred: Mutex::default(),
             saturated: AtomicBool::new(false),
             marks: RandomState::new(),
@@ -396,7 +441,24 @@ impl Direct {
         h.write(topic);
         h.write_usize(payload_len);
         h.write(&prefix[..prefix.len().min(MARK_PREFIX)]);
-        Mark(h.finish())
+        Mark(h.finish().max(1))
+    }
+
+    /// A retained message on `topic` goes to rumqttd (`empty`: it deletes the retained
+    /// message). rumqttd sends the retained messages a new subscription matches after its
+    /// SUBACK: until they have arrived, direct messages would overtake them, so a granted
+    /// subscription makes its connection wait for as many as match (see [`Conn::suback`]).
+    pub(crate) fn retained(&self, topic: &str, empty: bool) {
+        let mut topics = lock(&self.retained.topics);
+        if empty {
+            topics.remove(topic);
+        } else if !topics.contains(topic) {
+            if topics.len() >= MAX_RETAINED_TOPICS {
+                self.retained.overflow.store(true, Ordering::Release);
+            } else {
+                topics.insert(topic.to_owned());
+            }
+        }
     }
 
     /// Registers a connection of `principal` that rumqttd accepted. A `persistent` one
@@ -436,6 +498,7 @@ impl Direct {
             tx,
             behind: AtomicBool::new(false),
             generation: self.generation.clone(),
+            retained: self.retained.clone(),
             state: Mutex::new(ConnState::new()),
         });
         {
@@ -810,6 +873,20 @@ impl Conn {
                     continue;
                 }
                 s.qos = (*code).min(2);
+                // rumqttd sends the retained messages it matches next (not for `$share/…`).
+                let waits = if s.plain {
+                    self.retained.matching(&s)
+                } else {
+                    0
+                };
+                for _ in 0..waits {
+                    if st.behind.len() >= MAX_BEHIND {
+                        st.off = true;
+                        break;
+                    }
+                    st.behind.push(Mark::RETAINED);
+                    self.behind.store(true, Ordering::Release);
+                }
                 st.granted.retain(|g| g.filter != s.filter);
                 st.granted.push(s);
             }
@@ -893,8 +970,10 @@ impl Conn {
         self.behind.load(Ordering::Acquire)
     }
 
-    /// rumqttd delivered a PUBLISH with mark `mark` to this connection.
-    pub(crate) fn relayed(&self, mark: Mark) {
+    /// rumqttd delivered a PUBLISH with mark `mark` to this connection; `retained`: with
+    /// the RETAIN flag (a retained message after a SUBACK).
+    pub(crate) fn relayed(&self, mark: Mark, retained: bool) {
+        let mark = if retained { Mark::RETAINED } else { mark };
         let mut st = lock(&self.state);
         if let Some(i) = st.behind.iter().position(|k| *k == mark) {
             st.behind.remove(i);
@@ -1022,7 +1101,7 @@ mod tests {
         // wait for it, or for a second of silence from rumqttd.
         assert!(r.conn.is_behind());
         assert!(!d.offer(&msg(inbox), k(inbox), false));
-        r.conn.relayed(mk(&d, inbox));
+        r.conn.relayed(mk(&d, inbox), false);
         assert!(r.conn.resync(&d.metrics));
         assert!(!r.conn.is_behind());
         assert!(d.offer(&msg(inbox), k(inbox), false));
@@ -1046,9 +1125,9 @@ mod tests {
         // The retained one went through rumqttd: rumqttd delivers it to this connection, and
         // until it has, the next message goes that way too (order).
         assert!(!d.offer(&msg(inbox), k(inbox), false));
-        r.conn.relayed(mk(&d, inbox));
+        r.conn.relayed(mk(&d, inbox), false);
         assert!(r.conn.is_behind());
-        r.conn.relayed(mk(&d, inbox));
+        r.conn.relayed(mk(&d, inbox), false);
         assert!(!r.conn.is_behind());
         assert!(d.offer(&msg(inbox), k(inbox), false));
         r.conn.unsubscribed(&["fedmesh/v1/client/p/#".into()]);
@@ -1144,8 +1223,8 @@ mod tests {
         // a must first get that one from rumqttd.
         drop(b);
         assert!(!d.offer(&msg(t), k(t), false));
-        a.conn.relayed(mk(&d, t));
-        a.conn.relayed(mk(&d, t));
+        a.conn.relayed(mk(&d, t), false);
+        a.conn.relayed(mk(&d, t), false);
         assert!(d.offer(&msg(t), k(t), false));
         assert_eq!(arx.len(), 1);
     }
@@ -1162,7 +1241,7 @@ mod tests {
         assert!(!d.offer(&msg(t), k(t), false));
         let id = publish_pkid(&rx.try_recv().unwrap()).unwrap();
         assert_ne!(r.conn.puback(id), Ack::Forward);
-        r.conn.relayed(mk(&d, t));
+        r.conn.relayed(mk(&d, t), false);
         assert!(d.offer(&msg(t), k(t), false));
         // Wrap-around skips 1..=100.
         let mut st = ConnState::new();
@@ -1244,6 +1323,45 @@ mod tests {
         assert_eq!(lock(&d.principals).len(), MAX_PRINCIPALS);
         assert!(!d.offer(&msg(t), k(t), false));
         assert!(!d.keeps("p", "fedmesh/v1/client/p/submit", &r.conn));
+    }
+
+    #[test]
+    fn a_new_subscription_waits_for_the_retained_messages_it_matches() {
+        let d = direct();
+        let m = |t| Message {
+            topic: t,
+            payload: b"{}",
+            qos: 0,
+            correlation: None,
+        };
+        d.retained("r/a", false);
+        d.retained("r/b", false);
+        d.retained("r/b", true); // deleted
+        let (r, rx) = d.register("p", &connect(Version::V4, true), 60);
+        subscribe(&r.conn, 1, "r/#", 0, 0);
+        // rumqttd sends r/a's retained message next: nothing direct until it has.
+        let mut routes = Routes::default();
+        assert_eq!(
+            d.relay(&routes.get(&d, "r/x"), Some(&m("r/x"))),
+            Relay::Rumqttd
+        );
+        r.conn.relayed(mk(&d, "r/a"), true);
+        assert!(!r.conn.is_behind());
+        assert_eq!(
+            d.relay(&routes.get(&d, "r/x"), Some(&m("r/x"))),
+            Relay::Delivered
+        );
+        assert_eq!(rx.len(), 1);
+        // A filter no retained topic matches waits for nothing.
+        subscribe(&r.conn, 2, "s/#", 0, 0);
+        assert!(!r.conn.is_behind());
+        // Past the bound, every subscription waits (for one).
+        for i in 0..MAX_RETAINED_TOPICS {
+            d.retained(&format!("t/{i}"), false);
+        }
+        subscribe(&r.conn, 3, "u/#", 0, 0);
+        assert!(r.conn.is_behind());
+        assert!(r.conn.resync(&d.metrics));
     }
 
     #[test]

@@ -419,6 +419,10 @@ impl Broker {
     /// `held`: its key, when it must wait for [`Broker::release`]. Only topics in a principal's
     /// namespace can go direct, so no other message pays for its key.
     fn try_direct(&self, msg: &Outbound, held: Option<Held>) -> bool {
+        if msg.retain {
+            // New subscribers wait for it (see `direct`).
+            self.direct.retained(&msg.topic, msg.payload.is_empty());
+        }
         if acl::namespace_owner(&msg.topic).is_none() {
             return false;
         }

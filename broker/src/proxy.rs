@@ -814,6 +814,14 @@ async fn connection(
         sh.direct
             .register(&admitted.principal, &inner, inner.keep_alive);
     let direct = registration.conn.clone();
+    if let Some(w) = inner
+        .will
+        .as_ref()
+        .filter(|w| w.retain && !w.payload.is_empty())
+    {
+        // rumqttd may publish it retained (see `direct`).
+        sh.direct.retained(&w.topic, false);
+    }
     let flow = sh.flow.connection();
     let meter = flow.meter();
     let subacks = Arc::new(SubAcks::default());
@@ -1101,6 +1109,10 @@ impl Session<'_> {
                 self.sh
                     .direct
                     .route_behind(&route, &topic, payload_len, prefix);
+            }
+            if h.flags() & 0x01 != 0 {
+                // New subscribers wait for it (see `direct`).
+                self.sh.direct.retained(&topic, payload == 0);
             }
             if ph.qos > 0 {
                 self.direct.forwarded_publish();
@@ -1491,11 +1503,14 @@ where
             up.ensure(h.header_len + want).await?;
             let body = &up.buf[h.header_len..h.header_len + want];
             let topic = body.get(2..2 + topic_len).unwrap_or_default();
-            direct.relayed(sh.direct.mark(
-                topic,
-                payload_len,
-                body.get(header_len..).unwrap_or_default(),
-            ));
+            direct.relayed(
+                sh.direct.mark(
+                    topic,
+                    payload_len,
+                    body.get(header_len..).unwrap_or_default(),
+                ),
+                h.flags() & 0x01 != 0,
+            );
         }
         if h.kind() == codec::PUBLISH && !sh.gate.is_empty() {
             // A message of the node's may wait here for the flush that makes it true.

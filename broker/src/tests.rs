@@ -1109,3 +1109,64 @@ async fn direct_delivery_can_be_switched_off() {
     );
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_new_subscriber_gets_the_retained_message_before_direct_ones() {
+    // rumqttd sends the retained messages a subscription matches after its SUBACK. A direct
+    // message published in between must not overtake them: the subscriber would take an
+    // old retained value for the newest. The subscriber's upstream is a stand-in for rumqttd
+    // that sends the retained message 300 ms after the SUBACK.
+    let (broker, _inbound) = Broker::start_with(settings(), Defences::default()).unwrap();
+    let mut publ = raw_v4(broker.local_addr_v4(), "ret-pub", true, 30).await;
+    publ.write_all(&raw_publish("r/t", None, true, b"old"))
+        .await
+        .unwrap();
+    let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut ep = broker.internal.endpoints.borrow().clone();
+    ep.v5.addr = fake.local_addr().unwrap();
+    ep.v5.quickack = false;
+    broker.internal.endpoints.send(ep).unwrap();
+    let upstream = tokio::spawn(async move {
+        let (mut s, body) = loop {
+            let (mut s, _) = fake.accept().await.unwrap();
+            assert_eq!(read_frame(&mut s).await >> 4, 1, "CONNECT");
+            s.write_all(&[0x20, 3, 0, 0, 0]).await.unwrap(); // CONNACK v5, no properties
+            let (first, body) = read_whole_frame(&mut s).await;
+            // The watchdog's probes connect here too, and disconnect.
+            if first >> 4 == 8 {
+                break (s, body);
+            }
+        };
+        // SUBACK: the SUBSCRIBE's packet id, no properties, QoS 0 granted.
+        s.write_all(&[0x90, 4, body[0], body[1], 0, 0])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The retained message: QoS 0, RETAIN, topic r/t, no properties.
+        s.write_all(&[0x31, 9, 0, 3, b'r', b'/', b't', 0, b'o', b'l', b'd'])
+            .await
+            .unwrap();
+        s
+    });
+    let (sub, mut rx) = connected(broker.local_addr_v5().unwrap(), "ret-sub").await;
+    sub.subscribe("r/#", Q5::AtMostOnce).await.unwrap();
+    next(&mut rx, |p| matches!(p, P5::SubAck(_)).then_some(()))
+        .await
+        .unwrap();
+    publ.write_all(&raw_publish("r/t", None, false, b"new"))
+        .await
+        .unwrap();
+    let first = next(&mut rx, |p| match p {
+        P5::Publish(p) => Some(p),
+        _ => None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (&first.payload[..], first.retain),
+        (&b"old"[..], true),
+        "the retained message first"
+    );
+    drop(upstream.await.unwrap());
+    broker.shutdown().await;
+}
