@@ -8,8 +8,9 @@
 #   sudo scripts/bench-max-1k.sh [ROUNDS=3] [DURATION=10s]
 #
 # Needs root (chrt -f, and writing /sys/kernel/mm/damon/admin/kdamonds/0/state; DAMON is
-# left as it was found). Prints one line per run: max, p99.9 and p99 in µs, and the
-# host's steal ticks during the run. Brokers: the node, the node with
+# left as it was found). Prints one line per run: max, p99.9 and p99 in µs from the
+# scheduled send time, the max from the actual write and the generator's largest lateness
+# (their difference is the generator's own delay), and the host's steal ticks during the run. Brokers: the node, the node with
 # mqtt.direct_delivery = false (every message through rumqttd), and mosquitto.
 # DAMON_STATES ("on off") and MODES ("default fifo") narrow the matrix, e.g.
 # DAMON_STATES=on MODES=default for the machine as it is (no root needed then).
@@ -67,8 +68,8 @@ for i in $(seq "$R"); do
         case $b in node) p=$NP ;; node-rumqttd) p=$RP ;; *) p=$MP ;; esac
         s0=$(steal)
         r=$("${pre[@]}" ./target/release/mqtt-load --port "$p" --rate 1000 --duration "$D" --json 2>/dev/null |
-          tail -1 | jq -r '[.latency_us.max, .latency_us.p999, .latency_us.p99] | @tsv')
-        echo "round $i  damon $damon  $mode  $b  max/p99.9/p99 µs: $r  steal +$(($(steal) - s0))"
+          tail -1 | jq -r '[.latency_us.max, .latency_us.p999, .latency_us.p99, .latency_from_write_us.max, .send_lag_us.max] | @tsv')
+        echo "round $i  damon $damon  $mode  $b  max/p99.9/p99 µs: $(cut -f1-3 <<<"$r")  max from write / generator lateness µs: $(cut -f4-5 <<<"$r")  steal +$(($(steal) - s0))"
       done
     done
   done
