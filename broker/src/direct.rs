@@ -230,6 +230,16 @@ struct Sub {
 }
 
 impl Sub {
+    /// Whether it may match a topic client → client delivery relays (outside `fedmesh/`):
+    /// only those subscriptions concern the publishers' route caches.
+    fn relayable(&self) -> bool {
+        let f = match self.filter.strip_prefix("$share/") {
+            Some(rest) => rest.split_once('/').map_or("", |(_, f)| f),
+            None => &self.filter,
+        };
+        !f.starts_with("fedmesh/")
+    }
+
     fn matches(&self, topic: &str) -> bool {
         let f = match self.filter.strip_prefix("$share/") {
             Some(rest) => rest.split_once('/').map_or("", |(_, f)| f),
@@ -258,8 +268,12 @@ pub(crate) struct Conn {
     tx: mpsc::Sender<BytesMut>,
     /// `!state.behind.is_empty()`, read without the lock for every relayed PUBLISH.
     behind: AtomicBool,
-    /// The registry's subscription generation (bumped on every change here).
+    /// The registry's subscription generation (bumped on every change here that may concern
+    /// a relayed topic).
     generation: Arc<AtomicU64>,
+    /// It subscribed (or asked to) to a filter that may match a relayed topic: only such
+    /// connections are on routes.
+    relayable: AtomicBool,
     /// The registry's retained topics (a new subscription waits for what matches).
     retained: Arc<Retained>,
     state: Mutex<ConnState>,
@@ -355,7 +369,9 @@ impl Drop for Registration {
                 ghosts.push(s);
             }
         }
-        d.generation.fetch_add(1, Ordering::AcqRel);
+        if self.conn.relayable.load(Ordering::Acquire) {
+            d.generation.fetch_add(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -498,6 +514,7 @@ impl Direct {
             tx,
             behind: AtomicBool::new(false),
             generation: self.generation.clone(),
+            relayable: AtomicBool::new(false),
             retained: self.retained.clone(),
             state: Mutex::new(ConnState::new()),
         });
@@ -599,7 +616,11 @@ impl Direct {
         if route.rumqttd_only {
             return route;
         }
-        let all: Vec<Arc<Conn>> = lock(&self.conns).values().cloned().collect();
+        let all: Vec<Arc<Conn>> = lock(&self.conns)
+            .values()
+            .filter(|c| c.relayable.load(Ordering::Acquire))
+            .cloned()
+            .collect();
         for c in all {
             if lock(&c.state).may_match(topic) {
                 if c.persistent {
@@ -833,8 +854,12 @@ fn publish_pkid(frame: &[u8]) -> Option<u16> {
 }
 
 impl Conn {
-    fn changed(&self) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
+    /// Its subscriptions changed; `subs`: those concerned.
+    fn changed<'a>(&self, mut subs: impl Iterator<Item = &'a Sub>) {
+        if subs.any(Sub::relayable) {
+            self.relayable.store(true, Ordering::Release);
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// A SUBSCRIBE was forwarded to rumqttd.
@@ -845,7 +870,7 @@ impl Conn {
                 st.off = true;
                 return;
             }
-            let subs = sub
+            let subs: Vec<Sub> = sub
                 .filters
                 .iter()
                 .zip(&sub.qos)
@@ -855,9 +880,10 @@ impl Conn {
                     plain: !sub.sub_id && !f.starts_with("$share/"),
                 })
                 .collect();
+            // Before rumqttd can have it (the caller forwards it next).
+            self.changed(subs.iter());
             st.pending.push((sub.pkid, subs));
         }
-        self.changed();
     }
 
     /// rumqttd answered a SUBSCRIBE: record what it granted.
@@ -868,6 +894,7 @@ impl Conn {
                 return;
             };
             let (_, subs) = st.pending.remove(i);
+            self.changed(subs.iter());
             for (mut s, code) in subs.into_iter().zip(codes) {
                 if *code >= 0x80 {
                     continue;
@@ -894,15 +921,16 @@ impl Conn {
                 st.off = true;
             }
         }
-        self.changed();
     }
 
     /// An UNSUBSCRIBE was forwarded to rumqttd.
     pub(crate) fn unsubscribed(&self, filters: &[String]) {
-        lock(&self.state)
-            .granted
-            .retain(|g| !filters.contains(&g.filter));
-        self.changed();
+        let mut st = lock(&self.state);
+        let (gone, kept) = std::mem::take(&mut st.granted)
+            .into_iter()
+            .partition::<Vec<Sub>, _>(|g| filters.contains(&g.filter));
+        st.granted = kept;
+        self.changed(gone.iter());
     }
 
     /// The client acknowledged packet id `pkid`.
@@ -1362,6 +1390,26 @@ mod tests {
         subscribe(&r.conn, 3, "u/#", 0, 0);
         assert!(r.conn.is_behind());
         assert!(r.conn.resync(&d.metrics));
+    }
+
+    #[test]
+    fn only_subscriptions_outside_fedmesh_concern_the_route_caches() {
+        let d = direct();
+        let generation = || d.generation.load(Ordering::Acquire);
+        let (agent, _arx) = d.register("a", &connect(Version::V4, true), 60);
+        let g0 = generation();
+        subscribe(&agent.conn, 1, "fedmesh/v1/agent/a/inbox", 1, 1);
+        subscribe(&agent.conn, 2, "$share/g/fedmesh/v1/public/x", 1, 1);
+        drop(agent);
+        assert_eq!(generation(), g0, "the node's topics are never relayed");
+        let (s, _srx) = d.register("s", &connect(Version::V4, true), 60);
+        subscribe(&s.conn, 1, "#", 0, 0);
+        let g1 = generation();
+        assert!(g1 > g0);
+        assert_eq!(d.route("x/y").conns.len(), 1);
+        s.conn.unsubscribed(&["#".into()]);
+        assert!(generation() > g1);
+        assert!(d.route("x/y").conns.is_empty());
     }
 
     #[test]
