@@ -410,12 +410,19 @@ impl Routes {
     /// The route of `topic`.
     pub(crate) fn get(&mut self, direct: &Direct, topic: &str) -> Arc<Route> {
         let generation = direct.generation.load(Ordering::Acquire);
-        if generation != self.generation || self.map.len() >= ROUTE_CACHE {
+        if generation != self.generation {
             self.map.clear();
             self.generation = generation;
         }
         if let Some(r) = self.map.get(topic) {
             return r.clone();
+        }
+        if self.map.len() >= ROUTE_CACHE {
+            // Make room by dropping one (an arbitrary one: a publisher cycling through more
+            // topics than the cache holds still hits on most of them).
+            if let Some(k) = self.map.keys().next().cloned() {
+                self.map.remove(&k);
+            }
         }
         let r = Arc::new(direct.route(topic));
         self.map.insert(topic.to_owned(), r.clone());
@@ -1410,6 +1417,23 @@ mod tests {
         s.conn.unsubscribed(&["#".into()]);
         assert!(generation() > g1);
         assert!(d.route("x/y").conns.is_empty());
+    }
+
+    #[test]
+    fn the_route_cache_is_bounded_and_keeps_most_of_its_topics() {
+        let d = direct();
+        let mut routes = Routes::default();
+        let first = routes.get(&d, "t/0");
+        assert!(Arc::ptr_eq(&first, &routes.get(&d, "t/0")), "a hit");
+        for i in 0..2 * ROUTE_CACHE {
+            routes.get(&d, &format!("t/{i}"));
+        }
+        assert_eq!(routes.map.len(), ROUTE_CACHE);
+        let (s, _rx) = d.register("s", &connect(Version::V4, true), 60);
+        subscribe(&s.conn, 1, "t/+", 0, 0);
+        // A subscription change empties it.
+        assert_eq!(routes.get(&d, "t/1").conns.len(), 1);
+        assert_eq!(routes.map.len(), 1);
     }
 
     #[test]
