@@ -8,8 +8,9 @@
 //! * **Client → client messages** ([`Direct::relay`]) on any topic outside `fedmesh/` and the
 //!   `$` topics. Every client connection runs through this proxy, and the node's in-process
 //!   link subscribes only under `fedmesh/`, so the proxy sees every subscriber rumqttd has.
-//!   A publisher connection caches the subscribers of its topics ([`Routes`]); any change of
-//!   any subscription invalidates every cache.
+//!   A publisher connection caches the subscribers of its topics ([`Routes`]), looked up in
+//!   an index of the subscriptions outside `fedmesh/` ([`Index`]); a change of any such
+//!   subscription invalidates the index and every cache.
 //!
 //! In both cases the proxy sees every subscriber's SUBSCRIBEs, rumqttd's SUBACKs and the
 //! UNSUBSCRIBEs, so it knows who rumqttd would deliver to, as long as nothing is kept for an
@@ -204,6 +205,8 @@ pub(crate) struct Direct {
     ghosts_full: AtomicBool,
     /// Topics with a retained message (see [`Direct::retained`]).
     retained: Arc<Retained>,
+    /// The relayable subscriptions, for the generation they were indexed at.
+    index: Mutex<Option<(u64, Arc<Index>)>>,
     /// Frames of held messages, written when the node releases them.
     deferred: Mutex<HashMap<Held, Vec<Ready>>>,
     /// More than [`MAX_PRINCIPALS`] principals were seen: none of the node's messages goes
@@ -230,6 +233,15 @@ struct Sub {
 }
 
 impl Sub {
+    /// Matches every topic that is not a `$` topic.
+    fn everything() -> Self {
+        Self {
+            filter: "#".into(),
+            qos: 0,
+            plain: false,
+        }
+    }
+
     /// Whether it may match a topic client → client delivery relays (outside `fedmesh/`):
     /// only those subscriptions concern the publishers' route caches.
     fn relayable(&self) -> bool {
@@ -291,8 +303,11 @@ struct ConnState {
     /// until it has, direct messages would overtake them.
     behind: Vec<Mark>,
     next_pkid: u16,
-    /// No longer takes direct messages (subscriptions unknown, or a packet id conflict).
+    /// No longer takes direct messages (subscriptions unknown, too many, a packet id
+    /// conflict, too far behind).
     off: bool,
+    /// Its subscriptions are not all known (too many SUBSCRIBEs awaiting their SUBACK).
+    unknown: bool,
     last_ping: Instant,
     synthetic_pings: u32,
 }
@@ -306,6 +321,7 @@ impl ConnState {
             behind: Vec::new(),
             next_pkid: RUMQTTD_MAX_PKID + 1,
             off: false,
+            unknown: false,
             last_ping: Instant::now(),
             synthetic_pings: 0,
         }
@@ -396,6 +412,15 @@ pub(crate) struct Route {
     rumqttd_only: bool,
 }
 
+/// The subscriptions that may match relayed topics, by connection.
+#[derive(Debug, Default)]
+struct Index {
+    /// Filters without wildcards (and not shared) → their connections.
+    exact: HashMap<String, Vec<Arc<Conn>>>,
+    /// The other subscriptions.
+    other: Vec<(Sub, Arc<Conn>)>,
+}
+
 /// Topics a publisher connection caches routes for.
 const ROUTE_CACHE: usize = 256;
 
@@ -443,6 +468,7 @@ impl Direct {
             ghosts: Mutex::default(),
             ghosts_full: AtomicBool::new(false),
             retained: Arc::default(),
+            index: Mutex::default(),
             deferred: Mutex::default(),
             saturated: AtomicBool::new(false),
             marks: RandomState::new(),
@@ -623,22 +649,68 @@ impl Direct {
         if route.rumqttd_only {
             return route;
         }
-        let all: Vec<Arc<Conn>> = lock(&self.conns)
+        let index = self.index();
+        let mut conns = index.exact.get(topic).cloned().unwrap_or_default();
+        conns.extend(
+            index
+                .other
+                .iter()
+                .filter(|(s, _)| s.matches(topic))
+                .map(|(_, c)| c.clone()),
+        );
+        conns.sort_by_key(|c| c.id);
+        conns.dedup_by_key(|c| c.id);
+        if conns.iter().any(|c| c.persistent) {
+            route.rumqttd_only = true;
+        } else {
+            route.conns = conns;
+        }
+        route
+    }
+
+    /// The subscriptions that may match relayed topics, indexed for the current
+    /// subscription generation (rebuilt once after every change, for every publisher).
+    fn index(&self) -> Arc<Index> {
+        let mut current = lock(&self.index);
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some((g, index)) = current.as_ref()
+            && *g == generation
+        {
+            return index.clone();
+        }
+        let conns: Vec<Arc<Conn>> = lock(&self.conns)
             .values()
             .filter(|c| c.relayable.load(Ordering::Acquire))
             .cloned()
             .collect();
-        for c in all {
-            if lock(&c.state).may_match(topic) {
-                if c.persistent {
-                    route.rumqttd_only = true;
-                    route.conns.clear();
-                    return route;
+        let mut index = Index::default();
+        for c in conns {
+            let st = lock(&c.state);
+            if st.unknown {
+                // Its subscriptions are not all known: it is on every route (and takes
+                // nothing directly, so every message goes through rumqttd).
+                index.other.push((Sub::everything(), c.clone()));
+                continue;
+            }
+            let subs = st
+                .granted
+                .iter()
+                .chain(st.pending.iter().flat_map(|(_, s)| s));
+            for s in subs.filter(|s| s.relayable()) {
+                if s.filter.contains(['+', '#']) || s.filter.starts_with("$share/") {
+                    index.other.push((s.clone(), c.clone()));
+                } else {
+                    index
+                        .exact
+                        .entry(s.filter.clone())
+                        .or_default()
+                        .push(c.clone());
                 }
-                route.conns.push(c);
             }
         }
-        route
+        let index = Arc::new(index);
+        *current = Some((generation, index.clone()));
+        index
     }
 
     /// Delivers a client's message on `route` (its topic passed [`Direct::relays`]; QoS ≤ 1,
@@ -688,6 +760,10 @@ impl Direct {
         let mut states = Vec::new();
         for c in conns {
             let st = lock(&c.state);
+            if st.unknown {
+                // It may subscribe to anything: only rumqttd knows.
+                return None;
+            }
             let mut best: Option<u8> = None;
             let mut plain = true;
             for s in st.granted.iter().filter(|s| s.matches(m.topic)) {
@@ -874,7 +950,10 @@ impl Conn {
         {
             let mut st = lock(&self.state);
             if st.pending.len() >= MAX_PENDING_SUBSCRIBES {
+                // Its subscriptions are no longer known: on every route from now on.
                 st.off = true;
+                st.unknown = true;
+                self.changed([Sub::everything()].iter());
                 return;
             }
             let subs: Vec<Sub> = sub
@@ -1434,6 +1513,45 @@ mod tests {
         // A subscription change empties it.
         assert_eq!(routes.get(&d, "t/1").conns.len(), 1);
         assert_eq!(routes.map.len(), 1);
+    }
+
+    #[test]
+    fn routes_find_exact_wildcard_and_unknown_subscribers() {
+        let d = direct();
+        let (a, _arx) = d.register("a", &connect(Version::V4, true), 60);
+        let (b, _brx) = d.register("b", &connect(Version::V4, true), 60);
+        subscribe(&b.conn, 1, "dev/7/cmd", 1, 1);
+        subscribe(&a.conn, 1, "dev/+/cmd", 0, 0);
+        subscribe(&a.conn, 2, "dev/7/cmd", 0, 0);
+        let ids = |t: &str| d.route(t).conns.iter().map(|c| c.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids("dev/7/cmd"),
+            [a.conn.id, b.conn.id],
+            "ascending, once each"
+        );
+        assert_eq!(ids("dev/8/cmd"), [a.conn.id]);
+        assert!(ids("other").is_empty());
+        // Too many SUBSCRIBEs awaiting their SUBACK: its filters are unknown, so it is on
+        // every route, and nothing goes direct while it is.
+        let (c, _crx) = d.register("c", &connect(Version::V4, true), 60);
+        for pkid in 1..=u16::try_from(MAX_PENDING_SUBSCRIBES).unwrap() + 1 {
+            c.conn.subscribing(&codec::Subscribe {
+                pkid,
+                filters: vec![format!("x/{pkid}")],
+                qos: vec![0],
+                sub_id: false,
+            });
+        }
+        assert_eq!(ids("other"), [c.conn.id]);
+        let m = Message {
+            topic: "other",
+            payload: b"{}",
+            qos: 0,
+            correlation: None,
+        };
+        assert_eq!(d.relay(&d.route("other"), Some(&m)), Relay::Rumqttd);
+        drop(c);
+        assert!(ids("other").is_empty());
     }
 
     #[test]
