@@ -67,8 +67,10 @@ for i in $(seq "$R"); do
       for b in node node-rumqttd mosquitto; do
         case $b in node) p=$NP ;; node-rumqttd) p=$RP ;; *) p=$MP ;; esac
         s0=$(steal)
-        r=$("${pre[@]}" ./target/release/mqtt-load --port "$p" --rate 1000 --duration "$D" --json 2>/dev/null |
-          tail -1 | jq -r '[.latency_us.max, .latency_us.p999, .latency_us.p99, .latency_from_write_us.max, .send_lag_us.max] | @tsv')
+        # Capture first, parse after: piping into jq started jq (≈ 5 ms of CPU) during the
+        # run's first milliseconds, and the broker thread woken on that CPU waited for it.
+        out=$("${pre[@]}" ./target/release/mqtt-load --port "$p" --rate 1000 --duration "$D" --json 2>/dev/null)
+        r=$(tail -1 <<<"$out" | jq -r '[.latency_us.max, .latency_us.p999, .latency_us.p99, .latency_from_write_us.max, .send_lag_us.max] | @tsv')
         echo "round $i  damon $damon  $mode  $b  max/p99.9/p99 µs: $(cut -f1-3 <<<"$r")  max from write / generator lateness µs: $(cut -f4-5 <<<"$r")  steal +$(($(steal) - s0))"
       done
     done
