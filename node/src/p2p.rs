@@ -384,9 +384,11 @@ fn behaviour_observed(
     })
 }
 
-/// The node's swarm: TCP (NODELAY) + noise + yamux, plus QUIC when `p2p.quic` is on, and mDNS
-/// when `p2p.mdns` is on. `bad_framing` counts request-response requests refused for their
-/// framing (`fedmesh_p2p_bad_framing_total`).
+/// The node's swarm: TCP (NODELAY) + noise + yamux, plus QUIC when `p2p.quic` is on, behind
+/// libp2p's DNS transport (`/dns4/`, `/dns6/`, `/dns/` addresses are resolved at each dial, so a
+/// bootstrap host whose address changes is found again on the next redial), and mDNS when
+/// `p2p.mdns` is on. `bad_framing` counts request-response requests refused for their framing
+/// (`fedmesh_p2p_bad_framing_total`).
 pub fn swarm(
     key: &NodeKey,
     cfg: &Config,
@@ -394,6 +396,7 @@ pub fn swarm(
 ) -> anyhow::Result<Swarm<Behaviour>> {
     let codec = EnvelopeCodec { bad_framing };
     let kp = keypair(key)?;
+    let (dns, dns_opts) = dns_config();
     let tcp_phase = SwarmBuilder::with_existing_identity(kp)
         .with_tokio()
         .with_tcp(
@@ -405,18 +408,37 @@ pub fn swarm(
     let built = if cfg.p2p.quic {
         tcp_phase
             .with_quic()
+            .with_dns_config(dns, dns_opts)
             .with_behaviour(|k| behaviour(k, cfg, codec.clone()))
             .map_err(|e| anyhow::anyhow!("building the behaviour: {e}"))?
             .with_swarm_config(idle)
             .build()
     } else {
         tcp_phase
+            .with_dns_config(dns, dns_opts)
             .with_behaviour(|k| behaviour(k, cfg, codec.clone()))
             .map_err(|e| anyhow::anyhow!("building the behaviour: {e}"))?
             .with_swarm_config(idle)
             .build()
     };
     Ok(built)
+}
+
+/// The resolver settings of the DNS transport: the system's (`/etc/resolv.conf`; the hosts
+/// file is read too, so `/dns4/localhost/...` works), or, on a host without a readable
+/// resolv.conf (a minimal container), no name servers: names then resolve through the hosts
+/// file only, and a warning says so.
+fn dns_config() -> (libp2p::dns::ResolverConfig, libp2p::dns::ResolverOpts) {
+    match hickory_resolver::system_conf::read_system_conf() {
+        Ok(conf) => conf,
+        Err(e) => {
+            tracing::warn!(error = %e, "no system DNS configuration: /dns addresses resolve through the hosts file only");
+            (
+                libp2p::dns::ResolverConfig::default(),
+                libp2p::dns::ResolverOpts::default(),
+            )
+        }
+    }
 }
 
 /// An in-process swarm on `/memory/N` addresses (tests).
@@ -767,6 +789,21 @@ impl SwarmTask {
                 }
                 self.emit(Event::Connected(peer_id), "connected");
                 self.refresh_info();
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } => {
+                // At most one line per redial of each bootstrap peer (backoff up to MAX_REDIAL):
+                // a wrong address, a name that does not resolve or a peer id that does not match
+                // is visible at the default log level.
+                if let Some(b) = self.boot.iter().find(|b| b.peer == peer) {
+                    self.metrics.error("p2p_bootstrap_dial");
+                    // libp2p's dial errors span lines; a log line does not.
+                    let error = error.to_string().replace('\n', " ");
+                    tracing::warn!(%peer, addr = %b.addr, %error, "dialling a bootstrap peer failed; retrying");
+                }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,

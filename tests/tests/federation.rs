@@ -217,3 +217,66 @@ async fn origin_node_killed_mid_task_still_completes() {
         |s| s["tasks"]["completed"] == 1,
     );
 }
+
+/// A bootstrap peer named by a DNS name (`/dns4/localhost/...`, answered without a query, RFC
+/// 6761) is resolved and joined; a bootstrap address that fails (here the right address with
+/// the wrong peer id) is reported in the log at the default level, naming the address, and
+/// counted in `/metrics`, and the node keeps serving and joins through the good one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_by_dns_name_and_a_failing_bootstrap_is_reported() {
+    let pa = free_port();
+    let a = TestNode::start_with(p2p_env(pa, None)).expect("node A");
+    let id = addr_of(&a, pa)
+        .rsplit('/')
+        .next()
+        .expect("peer id")
+        .to_string();
+    // Any valid peer id that is not A's.
+    let wrong = "12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA";
+    assert_ne!(id, wrong);
+    let good = format!("/dns4/localhost/tcp/{pa}/p2p/{id}");
+    let bad = format!("/dns4/localhost/tcp/{pa}/p2p/{wrong}");
+    let b =
+        TestNode::start_with(p2p_env(free_port(), Some(&format!("{bad},{good}")))).expect("node B");
+    b.wait_status(
+        "B joins A through its DNS name",
+        Duration::from_secs(20),
+        |s| {
+            s["p2p"]["peers"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|x| x.as_str() == Some(id.as_str())))
+        },
+    );
+    let start = Instant::now();
+    while !b.log().contains("dialling a bootstrap peer failed") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "B reports the failing bootstrap address:\n{}",
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = b.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("dialling a bootstrap peer failed"))
+        .expect("line");
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains(&bad), "the line names the address: {line}");
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("dialling a bootstrap peer failed") && l.contains(&good)),
+        "the good address is never reported:\n{log}"
+    );
+    let (code, metrics) = fedmesh_tests::http_get(b.http, "/metrics").expect("metrics");
+    assert_eq!(code, 200);
+    let dial_errors = metrics
+        .lines()
+        .find(|l| l.contains("errors_total") && l.contains("p2p_bootstrap_dial"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(dial_errors >= 1.0, "counted in /metrics:\n{metrics}");
+    // Still serving.
+    assert!(b.status().is_ok());
+}
