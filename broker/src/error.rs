@@ -28,6 +28,14 @@ pub enum BrokerError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The TLS certificate or key of `mqtt.listen_tls` cannot be used.
+    #[error("TLS: {path}: {reason}")]
+    Tls {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// rumqttd's internal loopback listener did not come up.
     #[error("rumqttd internal listener did not start: {0}")]
     InternalListener(String),

@@ -98,6 +98,7 @@ mod nodelay;
 mod proxy;
 mod sessions;
 mod settings;
+mod tls;
 mod wait;
 mod watchdog;
 
@@ -119,7 +120,7 @@ pub use gate::Held;
 pub use link::{Inbound, Outbound, Qos};
 pub use metrics::MetricsSnapshot;
 pub use nodelay::Mechanism as NodelayMechanism;
-pub use settings::{BrokerLimits, BrokerSettings};
+pub use settings::{BrokerLimits, BrokerSettings, TlsSettings};
 
 use crate::codec::Version;
 use crate::internal::{Endpoints, InternalAuth, InternalConfig, ProbeIds, RouterHandle};
@@ -200,6 +201,7 @@ pub struct Broker {
     outbound: mpsc::Sender<Outbound>,
     local_v4: SocketAddr,
     local_v5: Option<SocketAddr>,
+    local_tls: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     internal: Arc<Internal>,
@@ -212,6 +214,7 @@ impl std::fmt::Debug for Broker {
         f.debug_struct("Broker")
             .field("local_v4", &self.local_v4)
             .field("local_v5", &self.local_v5)
+            .field("local_tls", &self.local_tls)
             .field("limits", &self.limits)
             .field("health", &self.health.get())
             .finish_non_exhaustive()
@@ -255,6 +258,19 @@ impl Broker {
         };
         let listener_v4 = bind(settings.listen_v4)?;
         let listener_v5 = settings.listen_v5.map(bind).transpose()?;
+        let tls = match &settings.tls {
+            Some(t) => {
+                let acceptor = tls::acceptor(&t.cert, &t.key)?;
+                let listener = bind(t.listen)?;
+                let local = listener.local_addr().map_err(|source| BrokerError::Bind {
+                    addr: t.listen,
+                    source,
+                })?;
+                Some((listener, acceptor, local))
+            }
+            None => None,
+        };
+        let local_tls = tls.as_ref().map(|(_, _, a)| *a);
         let local_v4 = listener_v4
             .local_addr()
             .map_err(|source| BrokerError::Bind {
@@ -346,7 +362,7 @@ impl Broker {
                 health.clone(),
                 shutdown_rx.clone(),
             )),
-            runtime.spawn(proxy::accept_loop(listener_v4, shared.clone())),
+            runtime.spawn(proxy::accept_loop(listener_v4, shared.clone(), None)),
             runtime.spawn(watchdog::run(
                 internal.clone(),
                 metrics.clone(),
@@ -355,9 +371,12 @@ impl Broker {
             )),
         ];
         if let Some(l) = listener_v5 {
-            tasks.push(runtime.spawn(proxy::accept_loop(l, shared)));
+            tasks.push(runtime.spawn(proxy::accept_loop(l, shared.clone(), None)));
         }
-        info!(%local_v4, ?local_v5, max_connections = limits.max_connections, "MQTT broker listening");
+        if let Some((l, acceptor, _)) = tls {
+            tasks.push(runtime.spawn(proxy::accept_loop(l, shared, Some(acceptor))));
+        }
+        info!(%local_v4, ?local_v5, ?local_tls, max_connections = limits.max_connections, "MQTT broker listening");
         Ok((
             Broker {
                 metrics,
@@ -366,6 +385,7 @@ impl Broker {
                 outbound: outbound_tx,
                 local_v4,
                 local_v5,
+                local_tls,
                 shutdown: shutdown_tx,
                 tasks,
                 internal,
@@ -457,6 +477,11 @@ impl Broker {
     /// Address of the second public listener (the `listen_v5` setting), if enabled.
     pub fn local_addr_v5(&self) -> Option<SocketAddr> {
         self.local_v5
+    }
+
+    /// Address of the MQTT-over-TLS listener, if enabled.
+    pub fn local_addr_tls(&self) -> Option<SocketAddr> {
+        self.local_tls
     }
 
     /// The limits derived from the settings.

@@ -50,6 +50,11 @@ metrics! {
     connects_refused_timeout,
     /// Connections closed because the first packet was not a valid CONNECT.
     connects_refused_garbage,
+    /// TLS handshakes completed on the `listen_tls` listener.
+    tls_handshakes,
+    /// Connections to the `listen_tls` listener closed because the TLS handshake failed or
+    /// did not finish within `connect_timeout` (e.g. plain MQTT sent to the TLS port).
+    tls_handshake_failures,
     /// Connections refused because `max_connections` were open.
     connects_refused_limit,
     /// Connections refused because rumqttd did not accept the proxied CONNECT.

@@ -44,6 +44,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::timeout;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
 use crate::acl;
@@ -360,8 +362,13 @@ fn transient_accept_error(e: &io::Error) -> bool {
     )
 }
 
-/// Accepts until shutdown.
-pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<ProxyShared>) {
+/// Accepts until shutdown. With `tls`, every connection is a TLS connection (the handshake
+/// runs in the connection's task, within `connect_timeout`, after admission).
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<ProxyShared>,
+    tls: Option<TlsAcceptor>,
+) {
     let mut shutdown = shared.shutdown.clone();
     let m = shared.metrics.clone();
     loop {
@@ -374,13 +381,19 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<ProxyShared>)
                 Metrics::inc(&m.connections_accepted);
                 match shared.admission.clone().try_acquire_owned() {
                     Ok(permit) => {
-                        tokio::spawn(serve(stream, peer, shared.clone(), permit));
+                        tokio::spawn(serve(stream, peer, shared.clone(), permit, tls.clone()));
                     }
                     Err(_) => {
                         Metrics::inc(&m.connects_refused_limit);
                         debug!(%peer, "connection limit reached");
                         if let Ok(permit) = shared.refusals.clone().try_acquire_owned() {
-                            tokio::spawn(refuse_busy(stream, shared.clone(), permit));
+                            tokio::spawn(refuse_busy(
+                                stream,
+                                peer,
+                                shared.clone(),
+                                permit,
+                                tls.clone(),
+                            ));
                         }
                     }
                 }
@@ -418,17 +431,87 @@ impl Drop for EndpointGuard {
     }
 }
 
+/// Completes the TLS handshake within `connect_timeout`; a failure is logged, counted and
+/// closes the connection.
+async fn tls_handshake(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    sh: &ProxyShared,
+) -> Option<TlsStream<TcpStream>> {
+    match timeout(sh.connect_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => {
+            Metrics::inc(&sh.metrics.tls_handshakes);
+            Some(s)
+        }
+        Ok(Err(e)) => {
+            Metrics::inc(&sh.metrics.tls_handshake_failures);
+            info!(%peer, error = %e, "TLS handshake failed; closing");
+            None
+        }
+        Err(_) => {
+            Metrics::inc(&sh.metrics.tls_handshake_failures);
+            info!(%peer, "TLS handshake not done within connect_timeout; closing");
+            None
+        }
+    }
+}
+
+/// The two halves of a client connection, plain or TLS, where speed does not matter (the
+/// relay itself is generic, see [`connection`]).
+type ClientHalves = (
+    Box<dyn AsyncRead + Unpin + Send>,
+    Box<dyn AsyncWrite + Unpin + Send>,
+);
+
+/// A client connection: plain TCP (split into owned halves) or TLS (split by tokio).
+async fn client_stream(
+    stream: TcpStream,
+    peer: SocketAddr,
+    sh: &ProxyShared,
+    tls: Option<TlsAcceptor>,
+) -> Option<ClientHalves> {
+    let halves: ClientHalves = match tls {
+        None => {
+            let (r, w) = stream.into_split();
+            (Box::new(r), Box::new(w))
+        }
+        Some(acceptor) => {
+            let s = tls_handshake(acceptor, stream, peer, sh).await?;
+            let (r, w) = tokio::io::split(s);
+            (Box::new(r), Box::new(w))
+        }
+    };
+    Some(halves)
+}
+
 async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<ProxyShared>,
     _permit: OwnedSemaphorePermit,
+    tls: Option<TlsAcceptor>,
 ) {
     Metrics::inc(&shared.metrics.connections_active);
     let _active = ActiveGuard(shared.metrics.clone());
     let mut shutdown = shared.shutdown.clone();
+    let run = async {
+        match tls {
+            None => {
+                let (rd, wr) = stream.into_split();
+                connection(rd, wr, peer, &shared).await
+            }
+            Some(acceptor) => match tls_handshake(acceptor, stream, peer, &shared).await {
+                Some(s) => {
+                    let (rd, wr) = tokio::io::split(s);
+                    connection(rd, wr, peer, &shared).await
+                }
+                None => Ok(()),
+            },
+        }
+    };
     tokio::select! {
-        r = connection(stream, peer, &shared) => {
+        r = run => {
             if let Err(e) = r {
                 if e.is_protocol_error() {
                     Metrics::inc(&shared.metrics.protocol_errors);
@@ -443,9 +526,17 @@ async fn serve(
 }
 
 /// Tells a client over the connection limit that the server is busy.
-async fn refuse_busy(stream: TcpStream, shared: Arc<ProxyShared>, _permit: OwnedSemaphorePermit) {
+async fn refuse_busy(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<ProxyShared>,
+    _permit: OwnedSemaphorePermit,
+    tls: Option<TlsAcceptor>,
+) {
     let wait = shared.connect_timeout.min(Duration::from_secs(2));
-    let (rd, mut wr) = stream.into_split();
+    let Some((rd, mut wr)) = client_stream(stream, peer, &shared, tls).await else {
+        return;
+    };
     let mut reader = FrameReader::new(rd);
     if let Ok(Ok(c)) = timeout(wait, read_connect(&mut reader)).await {
         let code = match c.version {
@@ -655,13 +746,17 @@ async fn read_connack<R: AsyncRead + Unpin>(
     Ok(ack)
 }
 
-async fn connection(
-    stream: TcpStream,
+async fn connection<R, W>(
+    crd: R,
+    cwr: W,
     peer: SocketAddr,
     sh: &ProxyShared,
-) -> Result<(), ConnError> {
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
     let m = &sh.metrics;
-    let (crd, cwr) = stream.into_split();
     let mut client = FrameReader::new(crd);
     let mut cw = BufWriter::with_capacity(WRITE_BUF, cwr);
 

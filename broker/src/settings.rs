@@ -15,6 +15,8 @@ pub struct BrokerSettings {
     pub listen_v4: SocketAddr,
     /// Optional public MQTT 5 listener.
     pub listen_v5: Option<SocketAddr>,
+    /// Optional public MQTT-over-TLS listener (MQTT 3.1.1 and 5).
+    pub tls: Option<TlsSettings>,
     /// Whether clients without credentials may connect (their principal is their client id).
     pub anonymous: bool,
     /// Credentials file written by `CredentialStore::add`; `None`: nobody can log in.
@@ -34,6 +36,17 @@ pub struct BrokerSettings {
     pub direct_delivery: bool,
 }
 
+/// The MQTT-over-TLS listener: its address and PEM files.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Certificate chain (PEM), leaf first.
+    pub cert: PathBuf,
+    /// Private key of the leaf certificate (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
 impl Default for BrokerSettings {
     /// The node's defaults: loopback listeners on 1883/1884, anonymous allowed, no
     /// credentials file.
@@ -41,6 +54,7 @@ impl Default for BrokerSettings {
         Self {
             listen_v4: SocketAddr::from(([127, 0, 0, 1], 1883)),
             listen_v5: Some(SocketAddr::from(([127, 0, 0, 1], 1884))),
+            tls: None,
             anonymous: true,
             credentials_path: None,
             max_connections: 10_000,

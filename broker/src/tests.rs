@@ -22,6 +22,7 @@ fn settings() -> BrokerSettings {
     BrokerSettings {
         listen_v4: "127.0.0.1:0".parse().unwrap(),
         listen_v5: Some("127.0.0.1:0".parse().unwrap()),
+        tls: None,
         anonymous: true,
         credentials_path: None,
         max_connections: 32,

@@ -77,6 +77,13 @@ pub struct MqttConfig {
     pub listen_v4: String,
     /// MQTT 5 listener address; empty disables it.
     pub listen_v5: String,
+    /// MQTT-over-TLS listener address (MQTT 3.1.1 and 5 on one port, like 8883); empty
+    /// disables it.
+    pub listen_tls: String,
+    /// TLS certificate chain (PEM, leaf first); relative to the data directory.
+    pub tls_cert: String,
+    /// TLS private key of the leaf certificate (PEM); relative to the data directory.
+    pub tls_key: String,
     /// Anonymous access policy.
     pub allow_anonymous: AllowAnonymous,
     /// Hashed per-agent credentials file; relative to the data directory.
@@ -195,6 +202,9 @@ impl Default for MqttConfig {
         Self {
             listen_v4: "127.0.0.1:1883".into(),
             listen_v5: "127.0.0.1:1884".into(),
+            listen_tls: String::new(),
+            tls_cert: "tls/cert.pem".into(),
+            tls_key: "tls/key.pem".into(),
             allow_anonymous: AllowAnonymous::Loopback,
             credentials_file: "credentials.toml".into(),
             max_connections: 10_000,
@@ -275,6 +285,11 @@ impl MqttConfig {
         opt_addr(&self.listen_v5)
     }
 
+    /// The MQTT-over-TLS listener, if enabled.
+    pub fn listen_tls_addr(&self) -> Option<SocketAddr> {
+        opt_addr(&self.listen_tls)
+    }
+
     /// Whether clients may connect without credentials. Under `loopback`
     /// this holds only if every enabled listener is on a loopback address
     /// (mosquitto 2's local-only mode).
@@ -283,7 +298,7 @@ impl MqttConfig {
             AllowAnonymous::Never => false,
             AllowAnonymous::Always => true,
             AllowAnonymous::Loopback => {
-                let addrs = [&self.listen_v4, &self.listen_v5];
+                let addrs = [&self.listen_v4, &self.listen_v5, &self.listen_tls];
                 let enabled = addrs.iter().filter(|s| !s.is_empty());
                 enabled
                     .map(|s| s.parse::<SocketAddr>())
@@ -395,6 +410,12 @@ impl Config {
     /// The MQTT credentials file, resolved against the data directory.
     pub fn credentials_path(&self) -> PathBuf {
         self.data_dir().join(&self.mqtt.credentials_file)
+    }
+
+    /// The TLS certificate and key files, resolved against the data directory.
+    pub fn tls_paths(&self) -> (PathBuf, PathBuf) {
+        let d = self.data_dir();
+        (d.join(&self.mqtt.tls_cert), d.join(&self.mqtt.tls_key))
     }
 
     /// The WordLlama directory: `routing.wordllama_dir` (resolved against the
@@ -533,6 +554,11 @@ mod tests {
         assert!(m.anonymous_allowed());
         m.listen_v5 = "0.0.0.0:1884".into();
         assert!(!m.anonymous_allowed());
+        m.listen_v5 = "127.0.0.1:1884".into();
+        m.listen_tls = "0.0.0.0:8883".into();
+        assert!(!m.anonymous_allowed(), "the TLS listener counts");
+        m.listen_tls = "127.0.0.1:8883".into();
+        assert!(m.anonymous_allowed());
         m.allow_anonymous = AllowAnonymous::Always;
         assert!(m.anonymous_allowed());
         m = MqttConfig {
@@ -565,6 +591,13 @@ mod tests {
             PathBuf::from("/srv/fm/credentials.toml")
         );
         assert_eq!(c.wordllama_dir(), PathBuf::from("/srv/fm/wordllama"));
+        assert_eq!(
+            c.tls_paths(),
+            (
+                PathBuf::from("/srv/fm/tls/cert.pem"),
+                PathBuf::from("/srv/fm/tls/key.pem")
+            )
+        );
         c.node.key_file = "/etc/fm/key".into();
         assert_eq!(c.key_path(), PathBuf::from("/etc/fm/key"));
     }

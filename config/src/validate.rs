@@ -31,6 +31,26 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
         )?,
         _ => {}
     }
+    if let Some(t) = socket_addr("mqtt.listen_tls", &m.listen_tls, true)? {
+        for (key, other) in [("mqtt.listen_v4", v4), ("mqtt.listen_v5", v5)] {
+            if other == Some(t) && t.port() != 0 {
+                invalid(
+                    "mqtt.listen_tls",
+                    format!("same address as {key} ({t}); expected a different port or \"\""),
+                )?;
+            }
+        }
+        non_empty(
+            "mqtt.tls_cert",
+            &m.tls_cert,
+            "a PEM certificate file such as \"tls/cert.pem\"",
+        )?;
+        non_empty(
+            "mqtt.tls_key",
+            &m.tls_key,
+            "a PEM private key file such as \"tls/key.pem\"",
+        )?;
+    }
     non_empty(
         "mqtt.credentials_file",
         &m.credentials_file,

@@ -35,6 +35,19 @@ fn every_validation_rule_names_its_key() {
             "[mqtt]\nlisten_v5 = \"127.0.0.1:1883\"",
             "mqtt.listen_v5: same address",
         ),
+        ("[mqtt]\nlisten_tls = \"0.0.0.0\"", "mqtt.listen_tls"),
+        (
+            "[mqtt]\nlisten_tls = \"127.0.0.1:1884\"",
+            "mqtt.listen_tls: same address as mqtt.listen_v5",
+        ),
+        (
+            "[mqtt]\nlisten_tls = \"127.0.0.1:8883\"\ntls_cert = \"\"",
+            "mqtt.tls_cert",
+        ),
+        (
+            "[mqtt]\nlisten_tls = \"127.0.0.1:8883\"\ntls_key = \" \"",
+            "mqtt.tls_key",
+        ),
         ("[mqtt]\ncredentials_file = \"\"", "mqtt.credentials_file"),
         ("[mqtt]\nmax_connections = 0", "mqtt.max_connections"),
         ("[mqtt]\nmax_payload_bytes = 0", "mqtt.max_payload_bytes"),

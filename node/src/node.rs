@@ -126,6 +126,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let settings = BrokerSettings {
         listen_v4: cfg.mqtt.listen_v4_addr().context("mqtt.listen_v4")?,
         listen_v5: cfg.mqtt.listen_v5_addr(),
+        tls: cfg.mqtt.listen_tls_addr().map(|listen| {
+            let (cert, key) = cfg.tls_paths();
+            fedmesh_broker::TlsSettings { listen, cert, key }
+        }),
         anonymous: cfg.mqtt.anonymous_allowed(),
         credentials_path: Some(cfg.credentials_path()),
         max_connections: cfg.mqtt.max_connections,
@@ -197,6 +201,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     eprintln!("  mqtt v3.1.1 {}", broker.local_addr_v4());
     if let Some(a) = broker.local_addr_v5() {
         eprintln!("  mqtt v5    {a}");
+    }
+    if let Some(a) = broker.local_addr_tls() {
+        eprintln!("  mqtt tls   {a}");
     }
     if let Some(a) = http_addr {
         eprintln!("  http       http://{a}/status  /metrics  /healthz");
@@ -979,7 +986,7 @@ impl Node {
             "node_id": self.id.to_string(),
             "name": self.cfg.node.name,
             "embedder": self.embedder.space(),
-            "mqtt": {"v4": self.broker.local_addr_v4().to_string(), "v5": self.broker.local_addr_v5().map(|a| a.to_string())},
+            "mqtt": {"v4": self.broker.local_addr_v4().to_string(), "v5": self.broker.local_addr_v5().map(|a| a.to_string()), "tls": self.broker.local_addr_tls().map(|a| a.to_string())},
             "agents": agents,
             "agents_total": registry.len(),
             "remote_agents_listed": remote_total.min(STATUS_REMOTE_AGENTS),

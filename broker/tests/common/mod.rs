@@ -18,6 +18,7 @@ pub fn settings() -> BrokerSettings {
     BrokerSettings {
         listen_v4: "127.0.0.1:0".parse().unwrap(),
         listen_v5: Some("127.0.0.1:0".parse().unwrap()),
+        tls: None,
         anonymous: true,
         credentials_path: None,
         max_connections: 64,

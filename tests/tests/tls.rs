@@ -1,0 +1,235 @@
+//! MQTT over TLS (`mqtt.listen_tls`) with a real node and Debian's mosquitto clients: a TLS
+//! subscriber gets a plain publisher's message and a TLS publisher reaches a plain
+//! subscriber, in MQTT 3.1.1 and 5; plain MQTT sent to the TLS port is refused, logged and
+//! counted, and so is a client that never starts the handshake, while the listener keeps
+//! serving; a key that does not fit the certificate stops
+//! `fedmesh run` with a message naming the file.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fedmesh_tests::{TestNode, fedmesh_bin, free_port, http_get};
+
+struct Certs {
+    _dir: tempfile::TempDir,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn certs() -> Certs {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .expect("certificate");
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).expect("write cert");
+    std::fs::write(&key, ck.key_pair.serialize_pem()).expect("write key");
+    Certs {
+        _dir: dir,
+        cert,
+        key,
+    }
+}
+
+fn tls_env(port: u16, c: &Certs) -> Vec<(String, String)> {
+    vec![
+        (
+            "FEDMESH_MQTT__LISTEN_TLS".into(),
+            format!("127.0.0.1:{port}"),
+        ),
+        (
+            "FEDMESH_MQTT__TLS_CERT".into(),
+            c.cert.display().to_string(),
+        ),
+        ("FEDMESH_MQTT__TLS_KEY".into(), c.key.display().to_string()),
+    ]
+}
+
+/// `mosquitto_sub` for one message on `topic`, over TLS when `ca` is given.
+fn sub(port: u16, version: &str, topic: &str, ca: Option<&Path>) -> Child {
+    let mut c = Command::new("mosquitto_sub");
+    c.args(["-h", "localhost", "-p", &port.to_string(), "-V", version])
+        .args(["-t", topic, "-C", "1", "-W", "20", "-q", "1"]);
+    if let Some(ca) = ca {
+        c.arg("--cafile").arg(ca);
+    }
+    c.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub (scripts/test.sh installs mosquitto-clients)")
+}
+
+/// `mosquitto_pub` of `msg` on `topic`, repeated until the subscriber has it (it may not have
+/// subscribed yet), over TLS when `ca` is given.
+fn pub_until_received(
+    port: u16,
+    version: &str,
+    topic: &str,
+    msg: &str,
+    ca: Option<&Path>,
+    mut s: Child,
+) -> String {
+    let start = Instant::now();
+    loop {
+        let mut c = Command::new("mosquitto_pub");
+        c.args(["-h", "localhost", "-p", &port.to_string(), "-V", version])
+            .args(["-t", topic, "-m", msg, "-q", "1"]);
+        if let Some(ca) = ca {
+            c.arg("--cafile").arg(ca);
+        }
+        let out = c.output().expect("mosquitto_pub");
+        assert!(
+            out.status.success(),
+            "mosquitto_pub: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if let Some(status) = s.try_wait().expect("wait") {
+            let mut stdout = String::new();
+            let mut stderr = String::new();
+            s.stdout
+                .take()
+                .expect("stdout")
+                .read_to_string(&mut stdout)
+                .expect("read");
+            s.stderr
+                .take()
+                .expect("stderr")
+                .read_to_string(&mut stderr)
+                .expect("read");
+            assert!(status.success(), "mosquitto_sub: {stderr}");
+            return stdout.trim().to_string();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the subscriber never got {msg:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn broker_counter(node: &TestNode, name: &str) -> f64 {
+    let (_, body) = http_get(node.http, "/metrics").expect("GET /metrics");
+    body.lines()
+        .find(|l| l.starts_with("fedmesh_broker{") && l.contains(&format!("kind=\"{name}\"")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn mosquitto_clients_over_tls_and_plain_mqtt_refused_on_the_tls_port() {
+    let c = certs();
+    let tls = free_port();
+    let mut env = tls_env(tls, &c);
+    env.push(("FEDMESH_MQTT__CONNECT_TIMEOUT_MS".into(), "1000".into()));
+    let node = TestNode::start_with(env).expect("node");
+    let want = format!("127.0.0.1:{tls}");
+    node.wait_status(
+        "/status lists the TLS listener",
+        Duration::from_secs(10),
+        |s| s["mqtt"]["tls"] == want.as_str(),
+    );
+
+    for version in ["mqttv311", "mqttv5"] {
+        // TLS subscriber, plain publisher.
+        let topic = format!("tls/{version}/in");
+        let s = sub(tls, version, &topic, Some(&c.cert));
+        let got = pub_until_received(node.mqtt_v4, version, &topic, "to-tls", None, s);
+        assert_eq!(got, "to-tls");
+        // Plain subscriber, TLS publisher.
+        let topic = format!("tls/{version}/out");
+        let s = sub(node.mqtt_v4, version, &topic, None);
+        let got = pub_until_received(tls, version, &topic, "from-tls", Some(&c.cert), s);
+        assert_eq!(got, "from-tls");
+    }
+    assert!(broker_counter(&node, "tls_handshakes") >= 4.0);
+
+    // Plain MQTT to the TLS port: a CONNECT is not a ClientHello.
+    let before = broker_counter(&node, "tls_handshake_failures");
+    let mut raw = TcpStream::connect(("127.0.0.1", tls)).expect("connect");
+    raw.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    // CONNECT, MQTT 3.1.1, client id "plain".
+    raw.write_all(&[
+        0x10, 17, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 5, b'p', b'l', b'a', b'i', b'n',
+    ])
+    .expect("write");
+    let mut buf = [0u8; 64];
+    let mut got = Vec::new();
+    while let Ok(n) = raw.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_ne!(
+        got.first(),
+        Some(&0x20),
+        "no CONNACK over plain TCP: {got:?}"
+    );
+    let start = Instant::now();
+    while broker_counter(&node, "tls_handshake_failures") < before + 1.0 {
+        assert!(start.elapsed() < Duration::from_secs(10), "counted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        node.log().contains("TLS handshake failed"),
+        "logged:\n{}",
+        node.log()
+    );
+    // A client that never starts the handshake is closed after connect_timeout.
+    let before = broker_counter(&node, "tls_handshake_failures");
+    let mut silent = TcpStream::connect(("127.0.0.1", tls)).expect("connect");
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let opened = Instant::now();
+    assert_eq!(silent.read(&mut buf).expect("closed, not timed out"), 0);
+    assert!(opened.elapsed() >= Duration::from_millis(900));
+    let start = Instant::now();
+    while broker_counter(&node, "tls_handshake_failures") < before + 1.0 {
+        assert!(start.elapsed() < Duration::from_secs(10), "counted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The listener still serves.
+    let topic = "tls/after";
+    let s = sub(tls, "mqttv311", topic, Some(&c.cert));
+    assert_eq!(
+        pub_until_received(node.mqtt_v4, "mqttv311", topic, "still", None, s),
+        "still"
+    );
+}
+
+#[test]
+fn a_key_that_does_not_fit_the_certificate_stops_run_naming_the_file() {
+    let c = certs();
+    let other = certs();
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut env = tls_env(free_port(), &c);
+    env.retain(|(k, _)| k != "FEDMESH_MQTT__TLS_KEY");
+    env.push((
+        "FEDMESH_MQTT__TLS_KEY".into(),
+        other.key.display().to_string(),
+    ));
+    let out = Command::new(fedmesh_bin())
+        .arg("run")
+        .envs(env)
+        .env("FEDMESH_DATA_DIR", data.path())
+        .env(
+            "FEDMESH_MQTT__LISTEN_V4",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("FEDMESH_MQTT__LISTEN_V5", "")
+        .env("FEDMESH_HTTP__LISTEN", "")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("TLS") && err.contains(&other.key.display().to_string()),
+        "{err}"
+    );
+}
