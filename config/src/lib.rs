@@ -207,7 +207,7 @@ impl Default for MqttConfig {
             tls_key: "tls/key.pem".into(),
             allow_anonymous: AllowAnonymous::Loopback,
             credentials_file: "credentials.toml".into(),
-            max_connections: 10_000,
+            max_connections: 2_048,
             max_payload_bytes: 262_144,
             memory_budget_mb: 256,
             connect_timeout_ms: 5_000,

@@ -27,6 +27,15 @@
 //! The layer must see rumqttd's `warn` events whatever the log filter says, so the
 //! binary installs it with its own per-layer filter ([`DropLog::filter`]) next to the fmt
 //! layer's `EnvFilter` (see `init_tracing` in `main.rs`).
+//!
+//! **rumqttd's connection chatter.** Every client reaches rumqttd through the proxy, which
+//! logs connections itself, and the watchdog probes each internal listener every second.
+//! rumqttd logs each of those connections at `info` (accept, registered, subscription,
+//! disconnecting) and each clean DISCONNECT as an `error` ("router-drop",
+//! `Recv(Disconnected)`): an idle node wrote ≈ 10 `info` and 2 `error` lines a second. So
+//! rumqttd is at `warn` unless the filter names it ([`with_rumqttd_default`]), and the
+//! "router-drop … Disconnected" event is not written ([`KnownNoise`], which also drops
+//! libp2p-kad's start-up warning that a node without peers yet has no known peers).
 
 use std::fmt;
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
@@ -129,9 +138,84 @@ impl DropLog {
     }
 }
 
+/// `filter` with `rumqttd=warn` added unless it already says something about rumqttd.
+pub fn with_rumqttd_default(filter: &str) -> String {
+    if filter.contains("rumqttd") {
+        filter.to_string()
+    } else if filter.trim().is_empty() {
+        "rumqttd=warn".to_string()
+    } else {
+        format!("{filter},rumqttd=warn")
+    }
+}
+
+/// A per-layer filter that drops two events describing normal operation as failures:
+///
+/// * rumqttd's `error` for a connection that ended with a clean DISCONNECT ("router-drop",
+///   `error = Recv(Disconnected)`, rumqttd 0.20 `server/broker.rs`);
+/// * libp2p-kad's `warn` "Failed to trigger bootstrap: No known peers", which a node with no
+///   peers yet (a single node, or one whose bootstrap peers are still being dialled, which the
+///   node reports itself) logs at start.
+///
+/// Every other event passes.
+#[derive(Debug, Clone, Copy)]
+pub struct KnownNoise;
+
+impl KnownNoise {
+    fn is_known_noise(event: &Event<'_>) -> bool {
+        #[derive(Default)]
+        struct V {
+            message: String,
+            error: String,
+        }
+        impl Visit for V {
+            fn record_str(&mut self, f: &Field, v: &str) {
+                if f.name() == "message" {
+                    self.message = v.to_string();
+                }
+            }
+            fn record_debug(&mut self, f: &Field, v: &dyn fmt::Debug) {
+                match f.name() {
+                    "message" => self.message = format!("{v:?}"),
+                    "error" => self.error = format!("{v:?}"),
+                    _ => {}
+                }
+            }
+        }
+        let m = event.metadata();
+        let (rumqttd, kad) = (
+            *m.level() == Level::ERROR && m.target() == "rumqttd::server::broker",
+            *m.level() == Level::WARN && m.target() == "libp2p_kad::behaviour",
+        );
+        if !rumqttd && !kad {
+            return false;
+        }
+        let mut v = V::default();
+        event.record(&mut v);
+        (rumqttd && v.message == "router-drop" && v.error == "Recv(Disconnected)")
+            || (kad && v.message == "Failed to trigger bootstrap: No known peers.")
+    }
+}
+
+impl<S> tracing_subscriber::layer::Filter<S> for KnownNoise {
+    fn enabled(&self, _: &Metadata<'_>, _: &Context<'_, S>) -> bool {
+        true
+    }
+
+    fn event_enabled(&self, event: &Event<'_>, _: &Context<'_, S>) -> bool {
+        !Self::is_known_noise(event)
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        // No level of its own: the EnvFilter's hint stands (see `DropLog::filter`).
+        Some(tracing::level_filters::LevelFilter::TRACE)
+    }
+}
+
 /// The node's log subscriber: a fmt layer writing to `writer`, filtered by `filter` (an
-/// `EnvFilter` directive) minus rumqttd's per-jump drop warnings, plus a [`DropLog`] counting
-/// into `counters`. Returns it with the summarizer to spawn once it is installed.
+/// `EnvFilter` directive, with rumqttd at `warn` unless it names rumqttd) minus rumqttd's
+/// per-jump drop warnings and normal-disconnect errors, plus a [`DropLog`] counting into
+/// `counters`. Returns it with the summarizer to spawn once it is installed.
 pub fn subscriber<W>(
     filter: &str,
     counters: DropCounters,
@@ -148,10 +232,12 @@ where
         .with_filter(
             // The exclusion has no level of its own (`TRACE`), so the pair keeps the EnvFilter's
             // level hint: see `DropLog::filter`.
-            tracing_subscriber::EnvFilter::new(filter).and(
-                filter_fn(|m| !is_rumqttd_drop_callsite(m))
-                    .with_max_level_hint(tracing::level_filters::LevelFilter::TRACE),
-            ),
+            tracing_subscriber::EnvFilter::new(with_rumqttd_default(filter))
+                .and(
+                    filter_fn(|m| !is_rumqttd_drop_callsite(m))
+                        .with_max_level_hint(tracing::level_filters::LevelFilter::TRACE),
+                )
+                .and(KnownNoise),
         );
     let drops = DropLog::new(counters);
     let summarizer = drops.summarizer();
@@ -307,6 +393,86 @@ mod tests {
             from.0,
             to.1
         );
+    }
+
+    /// A `MakeWriter` collecting everything written.
+    #[derive(Clone, Default)]
+    struct Written(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Written {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'w> tracing_subscriber::fmt::MakeWriter<'w> for Written {
+        type Writer = Written;
+        fn make_writer(&'w self) -> Written {
+            self.clone()
+        }
+    }
+
+    /// What rumqttd 0.20 logs for one connection through the proxy that ends with DISCONNECT,
+    /// and for a link that failed otherwise.
+    fn rumqttd_connection() {
+        #[derive(Debug)]
+        #[allow(dead_code)] // only its Debug output matters
+        enum LinkError {
+            Recv(RecvError),
+            Send(RecvError),
+        }
+        #[derive(Debug)]
+        struct Disconnected;
+        type RecvError = Disconnected;
+        tracing::info!(target: "rumqttd::server::broker", name = "fedmesh-internal-V4-1", count = 3, "accept");
+        tracing::info!(target: "rumqttd::router::routing", connection_id = 1, "Client connection registered");
+        tracing::error!(target: "rumqttd::server::broker", error = ?LinkError::Recv(Disconnected), "router-drop");
+        tracing::error!(target: "rumqttd::server::broker", error = ?LinkError::Send(Disconnected), "router-drop");
+    }
+
+    #[test]
+    fn rumqttd_connection_chatter_is_not_logged_unless_asked_for() {
+        let run = |filter: &str| {
+            let out = Written::default();
+            let (s, _) = subscriber(filter, DropCounters::default(), out.clone());
+            tracing::subscriber::with_default(s, || {
+                rumqttd_connection();
+                let e = "No known peers.";
+                tracing::warn!(target: "libp2p_kad::behaviour", "Failed to trigger bootstrap: {e}");
+                tracing::warn!(target: "libp2p_kad::behaviour", "Something else");
+                tracing::info!(target: "fedmesh::node", "ours");
+            });
+            String::from_utf8(out.0.lock().unwrap().clone()).unwrap()
+        };
+        let default = run("info");
+        assert!(default.contains("ours"), "{default}");
+        assert!(
+            !default.contains("accept"),
+            "rumqttd info hidden: {default}"
+        );
+        assert!(!default.contains("Recv(Disconnected)"), "{default}");
+        assert!(
+            default.contains("Send(Disconnected)"),
+            "other link errors stay: {default}"
+        );
+        assert!(!default.contains("No known peers"), "{default}");
+        assert!(default.contains("Something else"), "{default}");
+        let asked = run("info,rumqttd=info");
+        assert!(
+            asked.contains("accept") && asked.contains("registered"),
+            "{asked}"
+        );
+        assert!(
+            !asked.contains("Recv(Disconnected)"),
+            "a clean DISCONNECT is never an error line: {asked}"
+        );
+        assert_eq!(with_rumqttd_default("debug"), "debug,rumqttd=warn");
+        assert_eq!(with_rumqttd_default("rumqttd=trace"), "rumqttd=trace");
+        assert_eq!(with_rumqttd_default(""), "rumqttd=warn");
     }
 
     #[test]
