@@ -205,7 +205,7 @@ fn tail(s: &str, max: usize) -> &str {
 }
 
 /// Completes on ctrl-c (SIGINT) or SIGTERM; never, if no handler can be installed.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -352,7 +352,8 @@ impl Node {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut status_every = 0u32;
-        let shutdown = tokio::signal::ctrl_c();
+        // ctrl-c, or SIGTERM from `docker stop`, systemd or `kill`: flush and return.
+        let shutdown = crate::client::shutdown_signal();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {

@@ -183,6 +183,26 @@ impl TestNode {
         }
     }
 
+    /// Sends SIGTERM (what `docker stop` and systemd send) and waits at most `timeout` for
+    /// the node to exit; returns its exit status, or `None` if it was still running (it is
+    /// then killed).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = c.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+
     /// Starts the node again on the same data directory and ports.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill9();

@@ -133,3 +133,38 @@ async fn kill9_mid_flight_loses_nothing() {
     }
     assert_eq!(status["tasks"]["completed"], TASKS, "{status}");
 }
+
+/// SIGTERM (`docker stop`, systemd, `kill`) stops the node cleanly: it logs "shutting down",
+/// flushes and exits 0 well within Docker's 10 s grace period, and a task accepted before it
+/// is still there after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shuts_down_cleanly_and_keeps_accepted_tasks() {
+    let mut node = TestNode::start().expect("node");
+    let worker = agent(&node).await;
+    let mut req = connect(node.mqtt_v4, "req", &["fedmesh/v1/client/req/inbox"])
+        .await
+        .expect("requester");
+    req.send(
+        "fedmesh/v1/client/req/submit",
+        json!({"request_id": "t1", "description": "double", "input": "21", "deadline_ms": 120000}),
+    )
+    .await
+    .expect("submit");
+    let accepted = req.expect("accepted").await.expect("accepted");
+    // Clients gone first: they would reconnect to the restarted node under the same ids.
+    drop(req);
+    drop(worker);
+    let status = node
+        .terminate(Duration::from_secs(8))
+        .expect("exited within 8 s of SIGTERM");
+    assert!(status.success(), "exit status {status:?}\n{}", node.log());
+    assert!(node.log().contains("shutting down"), "{}", node.log());
+
+    node.restart().expect("restart");
+    let mut worker = agent(&node).await;
+    let task = worker
+        .expect_within("task", Duration::from_secs(20))
+        .await
+        .expect("the accepted task is delivered after the restart");
+    assert_eq!(task["task_id"], accepted["task_id"]);
+}
