@@ -220,6 +220,7 @@ pub fn subscriber<W>(
     filter: &str,
     counters: DropCounters,
     writer: W,
+    ansi: bool,
 ) -> (impl Subscriber + Send + Sync + 'static, Summarizer)
 where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
@@ -229,6 +230,7 @@ where
 
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(writer)
+        .with_ansi(ansi)
         .with_filter(
             // The exclusion has no level of its own (`TRACE`), so the pair keeps the EnvFilter's
             // level hint: see `DropLog::filter`.
@@ -438,7 +440,7 @@ mod tests {
     fn rumqttd_connection_chatter_is_not_logged_unless_asked_for() {
         let run = |filter: &str| {
             let out = Written::default();
-            let (s, _) = subscriber(filter, DropCounters::default(), out.clone());
+            let (s, _) = subscriber(filter, DropCounters::default(), out.clone(), false);
             tracing::subscriber::with_default(s, || {
                 rumqttd_connection();
                 let e = "No known peers.";
@@ -450,6 +452,7 @@ mod tests {
         };
         let default = run("info");
         assert!(default.contains("ours"), "{default}");
+        assert!(!default.contains('\x1b'), "no colour codes: {default:?}");
         assert!(
             !default.contains("accept"),
             "rumqttd info hidden: {default}"
@@ -481,7 +484,7 @@ mod tests {
         // Without level hints on the two filter functions the maximum is `trace`, and every
         // dependency's `log::trace!` goes through the subscriber.
         for (filter, level) in [("warn", LevelFilter::WARN), ("info", LevelFilter::INFO)] {
-            let (s, _) = subscriber(filter, DropCounters::default(), std::io::sink);
+            let (s, _) = subscriber(filter, DropCounters::default(), std::io::sink, false);
             assert_eq!(s.max_level_hint(), Some(level), "filter {filter}");
         }
     }

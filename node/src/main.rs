@@ -249,8 +249,16 @@ fn init_tracing(filter: &str) {
     use tracing_subscriber::util::SubscriberInitExt;
 
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
-    let (subscriber, summarizer) =
-        droplog::subscriber(&filter, droplog::DropCounters::global(), std::io::stderr);
+    // Colours on a terminal only: not in log files, `docker logs` or journald, and never
+    // with NO_COLOR set (no-color.org).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let (subscriber, summarizer) = droplog::subscriber(
+        &filter,
+        droplog::DropCounters::global(),
+        std::io::stderr,
+        ansi,
+    );
     if subscriber.try_init().is_ok() {
         summarizer.spawn();
     }
