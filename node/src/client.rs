@@ -56,6 +56,8 @@ pub struct ConnectOpts {
     pub password: Option<String>,
     /// MQTT client id (the principal of anonymous clients).
     pub client_id: String,
+    /// Connect over TLS, trusting the CA certificate(s) in this PEM file.
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for ConnectOpts {
@@ -66,6 +68,7 @@ impl fmt::Debug for ConnectOpts {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("client_id", &self.client_id)
+            .field("tls_ca", &self.tls_ca)
             .finish()
     }
 }
@@ -92,12 +95,44 @@ impl ConnectOpts {
         if let Some(user) = &self.username {
             o.set_credentials(user.clone(), self.password.clone().unwrap_or_default());
         }
+        if let Some(ca) = &self.tls_ca {
+            o.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(Arc::new(tls_client_config(ca)?)),
+            ));
+        }
         Ok(o)
     }
 
     fn addr(&self) -> String {
         format!("{}:{}", self.host, self.port)
     }
+}
+
+/// A TLS client configuration trusting the CA certificates in the PEM file `ca` (ring, as
+/// the node's own TLS listener).
+fn tls_client_config(ca: &std::path::Path) -> anyhow::Result<tokio_rustls::rustls::ClientConfig> {
+    use tokio_rustls::rustls::{
+        self, RootCertStore, pki_types::CertificateDer, pki_types::pem::PemObject,
+    };
+    let mut roots = RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("--tls-ca {}", ca.display()))?;
+    if certs.is_empty() {
+        bail!("--tls-ca {}: no CERTIFICATE block found", ca.display());
+    }
+    for c in certs {
+        roots
+            .add(c)
+            .with_context(|| format!("--tls-ca {}", ca.display()))?;
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_root_certificates(roots)
+    .with_no_client_auth())
 }
 
 /// Options of `fedmesh agent exec`.
@@ -983,6 +1018,7 @@ mod tests {
                 username: None,
                 password: None,
                 client_id: "c".into(),
+                tls_ca: None,
             },
             description: "d".into(),
             input: Some(vec![0, 1, 2]),
@@ -1019,6 +1055,21 @@ mod tests {
     }
 
     #[test]
+    fn tls_ca_errors_name_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing.pem");
+        let e = format!("{:#}", tls_client_config(&missing).expect_err("missing"));
+        assert!(e.contains("--tls-ca") && e.contains("missing.pem"), "{e}");
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate").expect("write");
+        let e = format!("{:#}", tls_client_config(&garbage).expect_err("garbage"));
+        assert!(
+            e.contains("garbage.pem") && e.contains("no CERTIFICATE"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn principal_is_the_username_else_the_client_id() {
         let mut c = ConnectOpts {
             host: "h".into(),
@@ -1026,6 +1077,7 @@ mod tests {
             username: None,
             password: Some("secret".into()),
             client_id: "c-1".into(),
+            tls_ca: None,
         };
         assert_eq!(c.principal(), "c-1");
         assert!(!format!("{c:?}").contains("secret"));

@@ -113,8 +113,14 @@ struct MqttArgs {
     /// Password (from `fedmesh agent add`).
     #[arg(long, env = "FEDMESH_PASSWORD", hide_env_values = true)]
     password: Option<String>,
+    /// Connect over TLS (the node's mqtt.listen_tls), trusting the CA certificate(s) in this
+    /// PEM file. The port then defaults to the config's mqtt.listen_tls port, else 8883.
+    #[arg(long, env = "FEDMESH_TLS_CA")]
+    tls_ca: Option<PathBuf>,
 }
 
+// Parsed once per process: the size of its largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum AgentCommand {
     /// Create MQTT credentials for an agent; prints them once (stored hashed).
@@ -277,10 +283,13 @@ fn connect_opts(
     name: Option<String>,
     fallback: &str,
 ) -> client::ConnectOpts {
-    let port = mqtt
-        .port
-        .or_else(|| cfg.mqtt.listen_v4_addr().map(|a| a.port()))
-        .unwrap_or(1883);
+    let port = mqtt.port.unwrap_or_else(|| {
+        if mqtt.tls_ca.is_some() {
+            cfg.mqtt.listen_tls_addr().map_or(8883, |a| a.port())
+        } else {
+            cfg.mqtt.listen_v4_addr().map_or(1883, |a| a.port())
+        }
+    });
     let client_id = name
         .or_else(|| mqtt.username.clone())
         .unwrap_or_else(|| fallback.to_string());
@@ -290,6 +299,7 @@ fn connect_opts(
         username: mqtt.username,
         password: mqtt.password,
         client_id,
+        tls_ca: mqtt.tls_ca,
     }
 }
 

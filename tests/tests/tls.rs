@@ -233,3 +233,60 @@ fn a_key_that_does_not_fit_the_certificate_stops_run_naming_the_file() {
         "{err}"
     );
 }
+
+/// The CLI's clients over TLS (`--tls-ca`): an agent (`fedmesh agent exec`) and a requester
+/// (`fedmesh task submit`) both on the TLS listener complete a task; a requester that does
+/// not trust the node's certificate fails with an error that says so.
+#[test]
+fn cli_agent_and_requester_over_tls() {
+    let c = certs();
+    let stranger = certs();
+    let tls = free_port();
+    let node = TestNode::start_with(tls_env(tls, &c)).expect("node");
+    let port = tls.to_string();
+    let ca = c.cert.display().to_string();
+    let tls_args = ["--host", "localhost", "--port", &port, "--tls-ca", &ca];
+    let mut agent = node
+        .cli()
+        .args(["agent", "exec", "--name", "shouter"])
+        .args(["--describe", "Converts text to upper case"])
+        .args(tls_args)
+        .args(["--", "tr", "a-z", "A-Z"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("agent exec");
+    node.wait_status("the agent joins over TLS", Duration::from_secs(20), |s| {
+        s["agents"].as_array().is_some_and(|a| {
+            a.iter().any(|x| {
+                x["id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("shouter@"))
+            })
+        })
+    });
+    let submit = |args: &[&str]| {
+        node.cli()
+            .args(["task", "submit", "make this text upper case"])
+            .args(["--input", "hello tls", "--deadline-s", "20"])
+            .args(args)
+            .output()
+            .expect("submit")
+    };
+    let out = submit(&tls_args);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(
+        out.status.success(),
+        "stderr: {}\nlog:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node.log()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "HELLO TLS");
+
+    let wrong = stranger.cert.display().to_string();
+    let out = submit(&["--host", "localhost", "--port", &port, "--tls-ca", &wrong]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(err.contains("certificate"), "{err}");
+}
