@@ -121,6 +121,7 @@ pub use link::{Inbound, Outbound, Qos};
 pub use metrics::MetricsSnapshot;
 pub use nodelay::Mechanism as NodelayMechanism;
 pub use settings::{BrokerLimits, BrokerSettings, TlsSettings};
+pub use tls::pem_certificates;
 
 use crate::codec::Version;
 use crate::internal::{Endpoints, InternalAuth, InternalConfig, ProbeIds, RouterHandle};

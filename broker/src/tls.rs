@@ -14,20 +14,30 @@ use tokio_rustls::rustls::{
 
 use crate::error::BrokerError;
 
+fn err(path: &Path, reason: String) -> BrokerError {
+    BrokerError::Tls {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+/// The certificates in the PEM file `path` (at least one): the listener's chain here, the
+/// CA a client trusts in the node's CLI.
+pub fn pem_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, BrokerError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| err(path, e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(path, format!("not a PEM certificate chain: {e}")))?;
+    if certs.is_empty() {
+        return Err(err(path, "no CERTIFICATE block found".into()));
+    }
+    Ok(certs)
+}
+
 /// A TLS acceptor for the certificate chain in `cert` and the private key in `key` (both
 /// PEM). Every failure names the file and what is wrong with it.
 pub(crate) fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, BrokerError> {
-    let err = |path: &Path, reason: String| BrokerError::Tls {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let chain = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| err(cert, e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| err(cert, format!("not a PEM certificate chain: {e}")))?;
-    if chain.is_empty() {
-        return Err(err(cert, "no CERTIFICATE block found".into()));
-    }
+    let chain = pem_certificates(cert)?;
     let key_der = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| err(key, format!("no usable PEM private key: {e}")))?;
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(

@@ -111,16 +111,10 @@ impl ConnectOpts {
 /// A TLS client configuration trusting the CA certificates in the PEM file `ca` (ring, as
 /// the node's own TLS listener).
 fn tls_client_config(ca: &std::path::Path) -> anyhow::Result<tokio_rustls::rustls::ClientConfig> {
-    use tokio_rustls::rustls::{
-        self, RootCertStore, pki_types::CertificateDer, pki_types::pem::PemObject,
-    };
+    use tokio_rustls::rustls::{self, RootCertStore};
     let mut roots = RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(ca)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+    let certs = fedmesh_broker::pem_certificates(ca)
         .with_context(|| format!("--tls-ca {}", ca.display()))?;
-    if certs.is_empty() {
-        bail!("--tls-ca {}: no CERTIFICATE block found", ca.display());
-    }
     for c in certs {
         roots
             .add(c)
