@@ -10,8 +10,11 @@
 # Needs root (chrt -f, and writing /sys/kernel/mm/damon/admin/kdamonds/0/state; DAMON is
 # left as it was found). Prints one line per run: max, p99.9 and p99 in µs from the
 # scheduled send time, the max from the actual write and the generator's largest lateness
-# (their difference is the generator's own delay), and the host's steal ticks during the run. Brokers: the node, the node with
-# mqtt.direct_delivery = false (every message through rumqttd), and mosquitto.
+# (their difference is the generator's own delay), and the host's steal ticks during the run.
+# Brokers: the node, the node with mqtt.direct_delivery = false (every message through
+# rumqttd), mosquitto, and `mqtt-floor` (bench/src/bin/mqtt-floor.rs: a relay that does the
+# least a broker can, so its figures are the generator's and the host's floor).
+# BROKERS ("node node-rumqttd mosquitto floor") narrows the brokers.
 # DAMON_STATES ("on off") and MODES ("default fifo") narrow the matrix, e.g.
 # DAMON_STATES=on MODES=default for the machine as it is (no root needed then).
 set -euo pipefail
@@ -35,23 +38,28 @@ FEDMESH_DATA_DIR=$WORK/r FEDMESH_MQTT__LISTEN_V4=127.0.0.1:$RP FEDMESH_MQTT__LIS
   FEDMESH_HTTP__LISTEN=127.0.0.1:$H FEDMESH_NODE__LOG=warn FEDMESH_MQTT__DIRECT_DELIVERY=false \
   ./target/release/fedmesh run >"$WORK/r.log" 2>&1 &
 RPID=$!
+FP=$(free_port)
+./target/release/mqtt-floor --port "$FP" >"$WORK/f.log" 2>&1 &
+FPID=$!
 DAMON=/sys/kernel/mm/damon/admin/kdamonds/0/state
 DAMON_WAS=$(cat "$DAMON" 2>/dev/null || echo none)
 # Writing the state it already has fails (EBUSY).
 set_damon() { [ "$(cat "$DAMON")" = "$1" ] || echo "$1" >"$DAMON"; }
 restore() {
   [ "$DAMON_WAS" = none ] || set_damon "$DAMON_WAS" || true
-  kill "$MPID" "$NPID" "$RPID" 2>/dev/null || true
+  kill "$MPID" "$NPID" "$RPID" "$FPID" 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap restore EXIT
 wait_port "$MP" "$MPID"
 wait_port "$NP" "$NPID"
 wait_port "$RP" "$RPID"
+wait_port "$FP" "$FPID"
 sleep 1 # let the node finish starting (p2p, store)
 steal() { awk '/^cpu /{print $9}' /proc/stat; }
 read -r -a damon_states <<<"${DAMON_STATES:-on off}"
 read -r -a modes <<<"${MODES:-default fifo}"
+read -r -a brokers <<<"${BROKERS:-node node-rumqttd mosquitto floor}"
 [ "$DAMON_WAS" = none ] && damon_states=(absent)
 for i in $(seq "$R"); do
   for damon in "${damon_states[@]}"; do
@@ -59,13 +67,13 @@ for i in $(seq "$R"); do
     for mode in "${modes[@]}"; do
       pre=()
       if [ "$mode" = fifo ]; then
-        for p in "$MPID" "$NPID" "$RPID"; do chrt -a -f -p 10 "$p" >/dev/null; done
+        for p in "$MPID" "$NPID" "$RPID" "$FPID"; do chrt -a -f -p 10 "$p" >/dev/null; done
         pre=(chrt -f 10)
       elif [ "${MODES:-}" != default ]; then
-        for p in "$MPID" "$NPID" "$RPID"; do chrt -a -o -p 0 "$p" >/dev/null; done
+        for p in "$MPID" "$NPID" "$RPID" "$FPID"; do chrt -a -o -p 0 "$p" >/dev/null; done
       fi
-      for b in node node-rumqttd mosquitto; do
-        case $b in node) p=$NP ;; node-rumqttd) p=$RP ;; *) p=$MP ;; esac
+      for b in "${brokers[@]}"; do
+        case $b in node) p=$NP ;; node-rumqttd) p=$RP ;; floor) p=$FP ;; *) p=$MP ;; esac
         s0=$(steal)
         # Capture first, parse after: piping into jq started jq (≈ 5 ms of CPU) during the
         # run's first milliseconds, and the broker thread woken on that CPU waited for it.
