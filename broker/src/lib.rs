@@ -121,7 +121,7 @@ pub use link::{Inbound, Outbound, Qos};
 pub use metrics::MetricsSnapshot;
 pub use nodelay::Mechanism as NodelayMechanism;
 pub use settings::{BrokerLimits, BrokerSettings, TlsSettings};
-pub use tls::pem_certificates;
+pub use tls::{RELOAD_CHECK as TLS_RELOAD_CHECK, Reload, pem_certificates};
 
 use crate::codec::Version;
 use crate::internal::{Endpoints, InternalAuth, InternalConfig, ProbeIds, RouterHandle};
@@ -203,6 +203,7 @@ pub struct Broker {
     local_v4: SocketAddr,
     local_v5: Option<SocketAddr>,
     local_tls: Option<SocketAddr>,
+    tls: Option<Arc<tls::CertReloader>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     internal: Arc<Internal>,
@@ -261,17 +262,19 @@ impl Broker {
         let listener_v5 = settings.listen_v5.map(bind).transpose()?;
         let tls = match &settings.tls {
             Some(t) => {
-                let acceptor = tls::acceptor(&t.cert, &t.key)?;
+                let reloader = tls::CertReloader::new(&t.cert, &t.key)?;
+                let acceptor = reloader.acceptor()?;
                 let listener = bind(t.listen)?;
                 let local = listener.local_addr().map_err(|source| BrokerError::Bind {
                     addr: t.listen,
                     source,
                 })?;
-                Some((listener, acceptor, local))
+                Some((listener, acceptor, local, reloader))
             }
             None => None,
         };
-        let local_tls = tls.as_ref().map(|(_, _, a)| *a);
+        let local_tls = tls.as_ref().map(|(_, _, a, _)| *a);
+        let tls_reloader = tls.as_ref().map(|(_, _, _, r)| r.clone());
         let local_v4 = listener_v4
             .local_addr()
             .map_err(|source| BrokerError::Bind {
@@ -374,8 +377,13 @@ impl Broker {
         if let Some(l) = listener_v5 {
             tasks.push(runtime.spawn(proxy::accept_loop(l, shared.clone(), None)));
         }
-        if let Some((l, acceptor, _)) = tls {
+        if let Some((l, acceptor, _, reloader)) = tls {
             tasks.push(runtime.spawn(proxy::accept_loop(l, shared, Some(acceptor))));
+            tasks.push(runtime.spawn(tls::watch_files(
+                reloader,
+                metrics.clone(),
+                shutdown_tx.subscribe(),
+            )));
         }
         info!(%local_v4, ?local_v5, ?local_tls, max_connections = limits.max_connections, "MQTT broker listening");
         Ok((
@@ -387,6 +395,7 @@ impl Broker {
                 local_v4,
                 local_v5,
                 local_tls,
+                tls: tls_reloader,
                 shutdown: shutdown_tx,
                 tasks,
                 internal,
@@ -483,6 +492,15 @@ impl Broker {
     /// Address of the MQTT-over-TLS listener, if enabled.
     pub fn local_addr_tls(&self) -> Option<SocketAddr> {
         self.local_tls
+    }
+
+    /// Loads the TLS listener's certificate and key files again now, whether or not they
+    /// look changed (the node calls it on SIGHUP); logged and counted like the periodic
+    /// check. `None` without a TLS listener. Reads two files: call it off the async workers.
+    pub fn reload_tls(&self) -> Option<Reload> {
+        self.tls
+            .as_ref()
+            .map(|r| r.reload_logged(true, &self.metrics))
     }
 
     /// The limits derived from the settings.

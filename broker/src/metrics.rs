@@ -55,6 +55,10 @@ metrics! {
     /// Connections to the `listen_tls` listener closed because the TLS handshake failed or
     /// did not finish within `connect_timeout` (e.g. plain MQTT sent to the TLS port).
     tls_handshake_failures,
+    /// Times the TLS listener's certificate was loaded again (files changed, or SIGHUP).
+    tls_reloads,
+    /// Reloads refused because the new files could not be used (the old certificate stays).
+    tls_reload_failures,
     /// Connections refused because `max_connections` were open.
     connects_refused_limit,
     /// Connections refused because rumqttd did not accept the proxied CONNECT.

@@ -2,17 +2,36 @@
 //! stream exactly as it relays a plain connection, so every defence, limit and the direct
 //! delivery paths are the same on both. rustls with the *ring* provider (already in the
 //! build through libp2p's QUIC), TLS 1.2 and 1.3, no client certificates.
+//!
+//! **Certificate rotation.** The acceptor asks a [`CertReloader`] for the certificate at each
+//! handshake. The broker checks the two files' modification time and size every
+//! [`RELOAD_CHECK`] and loads them again when either changed (certbot, cert-manager and
+//! Kubernetes secrets replace the files in place); the node also reloads on SIGHUP, like
+//! nginx and mosquitto. A pair that cannot be used (a half-written file, a key that does not
+//! fit) is logged naming the file and counted, and the listener keeps the certificate it has:
+//! a rotation never takes the listener down. Open connections keep the session they
+//! negotiated.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
 
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::{
     self,
+    crypto::CryptoProvider,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
 };
+use tracing::{info, warn};
 
 use crate::error::BrokerError;
+use crate::metrics::Metrics;
+
+/// How often the broker looks at the certificate and key files for a change.
+pub const RELOAD_CHECK: Duration = Duration::from_secs(10);
 
 fn err(path: &Path, reason: String) -> BrokerError {
     BrokerError::Tls {
@@ -34,21 +53,152 @@ pub fn pem_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Bro
     Ok(certs)
 }
 
-/// A TLS acceptor for the certificate chain in `cert` and the private key in `key` (both
-/// PEM). Every failure names the file and what is wrong with it.
-pub(crate) fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, BrokerError> {
+/// The certificate chain in `cert` and the private key in `key` (both PEM), checked to
+/// belong together. Every failure names the file and what is wrong with it.
+fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, BrokerError> {
     let chain = pem_certificates(cert)?;
     let key_der = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| err(key, format!("no usable PEM private key: {e}")))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| err(cert, e.to_string()))?
-    .with_no_client_auth()
-    .with_single_cert(chain, key_der)
-    .map_err(|e| err(key, format!("does not fit the certificate: {e}")))?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    CertifiedKey::from_der(chain, key_der, provider)
+        .map_err(|e| err(key, format!("does not fit the certificate: {e}")))
+}
+
+/// What identifies one version of the two files: modification time and length of each.
+type Version = [Option<(SystemTime, u64)>; 2];
+
+fn version(cert: &Path, key: &Path) -> Version {
+    [cert, key].map(|p| {
+        let m = std::fs::metadata(p).ok()?;
+        Some((m.modified().ok()?, m.len()))
+    })
+}
+
+/// What a reload did.
+#[derive(Debug)]
+pub enum Reload {
+    /// The files are the version already loaded (or already refused).
+    Unchanged,
+    /// A new certificate is served from the next handshake on.
+    Reloaded,
+    /// The files cannot be used; the previous certificate stays.
+    Failed(BrokerError),
+}
+
+/// The listener's certificate, replaceable while it serves (rustls asks for it at every
+/// handshake).
+#[derive(Debug)]
+pub(crate) struct CertReloader {
+    cert: PathBuf,
+    key: PathBuf,
+    provider: Arc<CryptoProvider>,
+    current: RwLock<Arc<CertifiedKey>>,
+    /// The files' version last tried, loaded or not: a broken pair is reported once, not
+    /// at every check.
+    tried: Mutex<Version>,
+}
+
+impl CertReloader {
+    /// Loads the pair; fails, naming the file, if it cannot be used.
+    pub(crate) fn new(cert: &Path, key: &Path) -> Result<Arc<Self>, BrokerError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tried = version(cert, key);
+        let ck = load(cert, key, &provider)?;
+        Ok(Arc::new(CertReloader {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            provider,
+            current: RwLock::new(Arc::new(ck)),
+            tried: Mutex::new(tried),
+        }))
+    }
+
+    /// Loads the files again if they changed since the last attempt (`force`: in any case).
+    pub(crate) fn reload(&self, force: bool) -> Reload {
+        let now = version(&self.cert, &self.key);
+        {
+            let mut tried = self.tried.lock().unwrap_or_else(PoisonError::into_inner);
+            if !force && *tried == now {
+                return Reload::Unchanged;
+            }
+            *tried = now;
+        }
+        match load(&self.cert, &self.key, &self.provider) {
+            Ok(ck) => {
+                *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(ck);
+                Reload::Reloaded
+            }
+            Err(e) => Reload::Failed(e),
+        }
+    }
+
+    /// [`reload`](Self::reload), logged and counted.
+    pub(crate) fn reload_logged(&self, force: bool, metrics: &Metrics) -> Reload {
+        let r = self.reload(force);
+        match &r {
+            Reload::Unchanged => {}
+            Reload::Reloaded => {
+                Metrics::inc(&metrics.tls_reloads);
+                info!(cert = %self.cert.display(), "TLS certificate reloaded");
+            }
+            Reload::Failed(e) => {
+                Metrics::inc(&metrics.tls_reload_failures);
+                warn!(error = %e, "TLS certificate not reloaded; the listener keeps the previous one");
+            }
+        }
+        r
+    }
+
+    /// The certificate served now.
+    fn current(&self) -> Arc<CertifiedKey> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A TLS acceptor that serves whatever certificate this holds at each handshake.
+    pub(crate) fn acceptor(self: &Arc<Self>) -> Result<TlsAcceptor, BrokerError> {
+        let config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| err(&self.cert, e.to_string()))?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+impl ResolvesServerCert for CertReloader {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+/// Checks the files every [`RELOAD_CHECK`] until shutdown.
+pub(crate) async fn watch_files(
+    reloader: Arc<CertReloader>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(RELOAD_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let r = reloader.clone();
+                let m = metrics.clone();
+                // Reading two small files: off the runtime's workers all the same.
+                let _ = tokio::task::spawn_blocking(move || r.reload_logged(false, &m)).await;
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// A TLS acceptor for the pair (for tests).
+#[cfg(test)]
+fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, BrokerError> {
+    CertReloader::new(cert, key)?.acceptor()
 }
 
 #[cfg(test)]
@@ -96,5 +246,53 @@ mod tests {
         let wrong = write(dir.path(), "wrong.pem", &other.key_pair.serialize_pem());
         let e = fails(&cert, &wrong);
         assert!(e.contains("wrong.pem"), "{e}");
+    }
+
+    /// Moves a file's modification time on, so that a rewrite is seen whatever the file
+    /// system's timestamp granularity.
+    fn touch(path: &Path, secs: u64) {
+        let f = std::fs::File::options().write(true).open(path).unwrap();
+        f.set_modified(SystemTime::now() + Duration::from_secs(secs))
+            .unwrap();
+    }
+
+    #[test]
+    fn reloads_changed_files_and_keeps_the_old_pair_when_the_new_one_is_broken() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let b = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert = write(dir.path(), "cert.pem", &a.cert.pem());
+        let key = write(dir.path(), "key.pem", &a.key_pair.serialize_pem());
+        let r = CertReloader::new(&cert, &key).unwrap();
+        let served = |r: &CertReloader| r.current().cert[0].as_ref().to_vec();
+        assert_eq!(served(&r), a.cert.der().to_vec());
+        assert!(matches!(r.reload(false), Reload::Unchanged));
+
+        // Rotated in place: picked up by the periodic check.
+        write(dir.path(), "cert.pem", &b.cert.pem());
+        write(dir.path(), "key.pem", &b.key_pair.serialize_pem());
+        touch(&cert, 1);
+        touch(&key, 1);
+        assert!(matches!(r.reload(false), Reload::Reloaded));
+        assert_eq!(served(&r), b.cert.der().to_vec());
+        assert!(matches!(r.reload(false), Reload::Unchanged));
+
+        // Half-written (new certificate, old key): refused once, naming the key, and the
+        // previous pair stays; not reported again until the files change.
+        write(dir.path(), "cert.pem", &a.cert.pem());
+        touch(&cert, 2);
+        match r.reload(false) {
+            Reload::Failed(e) => assert!(e.to_string().contains("key.pem"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(served(&r), b.cert.der().to_vec());
+        assert!(matches!(r.reload(false), Reload::Unchanged));
+        // Forced (SIGHUP): tried again, refused again.
+        assert!(matches!(r.reload(true), Reload::Failed(_)));
+        // The key arrives: the pair is whole.
+        write(dir.path(), "key.pem", &a.key_pair.serialize_pem());
+        touch(&key, 3);
+        assert!(matches!(r.reload(false), Reload::Reloaded));
+        assert_eq!(served(&r), a.cert.der().to_vec());
     }
 }

@@ -141,6 +141,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let (broker, inbound) = Broker::start(settings).context("starting the MQTT broker")?;
     let broker = Arc::new(broker);
+    #[cfg(unix)]
+    tokio::spawn(reload_on_sighup(broker.clone()));
 
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
@@ -1026,6 +1028,31 @@ fn rejection(r: &Rejection, op: &'static str) -> ApiError {
         field,
         reason: r.to_string(),
         request_id: None,
+    }
+}
+
+/// SIGHUP loads the TLS listener's certificate again (certbot's deploy hook, `systemctl
+/// reload`, `kill -HUP`), as it does for nginx and mosquitto; the broker also notices changed
+/// files by itself within `TLS_RELOAD_CHECK`. Without a TLS listener SIGHUP is logged and
+/// ignored, so a node is never killed by it.
+#[cfg(unix)]
+async fn reload_on_sighup(broker: Arc<Broker>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler; TLS certificates reload only when their files change");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        let b = broker.clone();
+        match tokio::task::spawn_blocking(move || b.reload_tls()).await {
+            Ok(None) => tracing::info!("SIGHUP: no TLS listener, nothing to reload"),
+            // Logged and counted by the broker.
+            Ok(Some(_)) => {}
+            Err(e) => tracing::warn!(error = %e, "SIGHUP: the certificate reload did not finish"),
+        }
     }
 }
 

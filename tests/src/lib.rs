@@ -187,10 +187,8 @@ impl TestNode {
     /// the node to exit; returns its exit status, or `None` if it was still running (it is
     /// then killed).
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.signal("TERM");
         let mut c = self.child.take()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
         let start = Instant::now();
         while start.elapsed() < timeout {
             if let Ok(Some(status)) = c.try_wait() {
@@ -201,6 +199,15 @@ impl TestNode {
         let _ = c.kill();
         let _ = c.wait();
         None
+    }
+
+    /// Sends the signal `name` (`kill -NAME`, e.g. "HUP") to the running node.
+    pub fn signal(&self, name: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .args([format!("-{name}"), c.id().to_string()])
+                .status();
+        }
     }
 
     /// Starts the node again on the same data directory and ports.

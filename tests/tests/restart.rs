@@ -138,7 +138,7 @@ async fn kill9_mid_flight_loses_nothing() {
 /// flushes and exits 0 well within Docker's 10 s grace period, and a task accepted before it
 /// is still there after a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_shuts_down_cleanly_and_keeps_accepted_tasks() {
+async fn sighup_is_harmless_and_sigterm_shuts_down_cleanly_keeping_accepted_tasks() {
     let mut node = TestNode::start().expect("node");
     let worker = agent(&node).await;
     let mut req = connect(node.mqtt_v4, "req", &["fedmesh/v1/client/req/inbox"])
@@ -151,6 +151,14 @@ async fn sigterm_shuts_down_cleanly_and_keeps_accepted_tasks() {
     .await
     .expect("submit");
     let accepted = req.expect("accepted").await.expect("accepted");
+    // SIGHUP reloads TLS certificates; without a TLS listener it is logged and ignored,
+    // never fatal (its default action would kill the node).
+    node.signal("HUP");
+    let start = std::time::Instant::now();
+    while !node.log().contains("SIGHUP: no TLS listener") {
+        assert!(start.elapsed() < Duration::from_secs(10), "{}", node.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Clients gone first: they would reconnect to the restarted node under the same ids.
     drop(req);
     drop(worker);

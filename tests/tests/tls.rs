@@ -3,7 +3,8 @@
 //! subscriber, in MQTT 3.1.1 and 5; plain MQTT sent to the TLS port is refused, logged and
 //! counted, and so is a client that never starts the handshake, while the listener keeps
 //! serving; a key that does not fit the certificate stops
-//! `fedmesh run` with a message naming the file.
+//! `fedmesh run` with a message naming the file; SIGHUP rotates the certificate without
+//! closing open connections, and a broken new pair is refused while the old one stays.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -119,6 +120,19 @@ fn broker_counter(node: &TestNode, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Waits up to 10 s for the broker counter `name` to reach `at_least`.
+fn wait_counter(node: &TestNode, name: &str, at_least: f64) {
+    let start = Instant::now();
+    while broker_counter(node, name) < at_least {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{name} never reached {at_least}; log:\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn mosquitto_clients_over_tls_and_plain_mqtt_refused_on_the_tls_port() {
     let c = certs();
@@ -170,11 +184,7 @@ fn mosquitto_clients_over_tls_and_plain_mqtt_refused_on_the_tls_port() {
         Some(&0x20),
         "no CONNACK over plain TCP: {got:?}"
     );
-    let start = Instant::now();
-    while broker_counter(&node, "tls_handshake_failures") < before + 1.0 {
-        assert!(start.elapsed() < Duration::from_secs(10), "counted");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_counter(&node, "tls_handshake_failures", before + 1.0);
     assert!(
         node.log().contains("TLS handshake failed"),
         "logged:\n{}",
@@ -189,11 +199,7 @@ fn mosquitto_clients_over_tls_and_plain_mqtt_refused_on_the_tls_port() {
     let opened = Instant::now();
     assert_eq!(silent.read(&mut buf).expect("closed, not timed out"), 0);
     assert!(opened.elapsed() >= Duration::from_millis(900));
-    let start = Instant::now();
-    while broker_counter(&node, "tls_handshake_failures") < before + 1.0 {
-        assert!(start.elapsed() < Duration::from_secs(10), "counted");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_counter(&node, "tls_handshake_failures", before + 1.0);
     // The listener still serves.
     let topic = "tls/after";
     let s = sub(tls, "mqttv311", topic, Some(&c.cert));
@@ -289,4 +295,71 @@ fn cli_agent_and_requester_over_tls() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
     assert!(err.contains("certificate"), "{err}");
+}
+
+/// Certificate rotation: the files are replaced and the node gets SIGHUP. The next handshake
+/// presents the new certificate, a TLS connection opened before keeps working, and a client
+/// that trusts only the old certificate is now refused. Then a broken certificate file:
+/// refused, logged naming the file and counted, and the listener keeps serving the
+/// certificate it had.
+#[test]
+fn sighup_rotates_the_certificate_and_a_broken_one_is_refused() {
+    let old = certs();
+    let new = certs();
+    let served = certs(); // the node's own files, overwritten below
+    std::fs::copy(&old.cert, &served.cert).expect("copy");
+    std::fs::copy(&old.key, &served.key).expect("copy");
+    let tls = free_port();
+    let node = TestNode::start_with(tls_env(tls, &served)).expect("node");
+    node.wait_status("the TLS listener is up", Duration::from_secs(10), |s| {
+        !s["mqtt"]["tls"].is_null()
+    });
+
+    // A subscriber on the old certificate, connected before the rotation.
+    let handshakes = broker_counter(&node, "tls_handshakes");
+    let before = sub(tls, "mqttv311", "rot/before", Some(&old.cert));
+    wait_counter(&node, "tls_handshakes", handshakes + 1.0);
+
+    std::fs::copy(&new.cert, &served.cert).expect("rotate");
+    std::fs::copy(&new.key, &served.key).expect("rotate");
+    node.signal("HUP");
+    wait_counter(&node, "tls_reloads", 1.0);
+    let reloads = broker_counter(&node, "tls_reloads");
+    assert!(node.log().contains("TLS certificate reloaded"));
+    let s = sub(tls, "mqttv311", "rot/new", Some(&new.cert));
+    assert_eq!(
+        pub_until_received(node.mqtt_v4, "mqttv311", "rot/new", "new", None, s),
+        "new"
+    );
+    let stale = Command::new("mosquitto_pub")
+        .args(["-h", "localhost", "-p", &tls.to_string()])
+        .args(["-t", "rot/x", "-m", "x", "--cafile"])
+        .arg(&old.cert)
+        .output()
+        .expect("mosquitto_pub");
+    assert!(
+        !stale.status.success(),
+        "a client trusting only the old certificate connected"
+    );
+    assert_eq!(
+        pub_until_received(node.mqtt_v4, "mqttv311", "rot/before", "kept", None, before),
+        "kept",
+        "the connection opened before the rotation"
+    );
+
+    // A broken certificate file: refused, the listener keeps the new certificate.
+    std::fs::write(&served.cert, "-----BEGIN CERTIFICATE-----\ntruncated").expect("write");
+    node.signal("HUP");
+    wait_counter(&node, "tls_reload_failures", 1.0);
+    let log = node.log();
+    assert!(
+        log.contains("not reloaded") && log.contains(&served.cert.display().to_string()),
+        "{log}"
+    );
+    let s = sub(tls, "mqttv5", "rot/after", Some(&new.cert));
+    assert_eq!(
+        pub_until_received(node.mqtt_v4, "mqttv5", "rot/after", "after", None, s),
+        "after"
+    );
+    assert_eq!(broker_counter(&node, "tls_reloads"), reloads);
 }
