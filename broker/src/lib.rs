@@ -263,7 +263,7 @@ impl Broker {
         let tls = match &settings.tls {
             Some(t) => {
                 let reloader = tls::CertReloader::new(&t.cert, &t.key)?;
-                let acceptor = reloader.acceptor()?;
+                let acceptor = reloader.acceptor(t.client_ca.as_deref())?;
                 let listener = bind(t.listen)?;
                 let local = listener.local_addr().map_err(|source| BrokerError::Bind {
                     addr: t.listen,

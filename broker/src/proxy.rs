@@ -499,12 +499,19 @@ async fn serve(
         match tls {
             None => {
                 let (rd, wr) = stream.into_split();
-                connection(rd, wr, peer, &shared).await
+                connection(rd, wr, peer, &shared, None).await
             }
             Some(acceptor) => match tls_handshake(acceptor, stream, peer, &shared).await {
                 Some(s) => {
+                    // Verified during the handshake when client certificates are on.
+                    let cert = s
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(crate::tls::principal);
                     let (rd, wr) = tokio::io::split(s);
-                    connection(rd, wr, peer, &shared).await
+                    connection(rd, wr, peer, &shared, cert).await
                 }
                 None => Ok(()),
             },
@@ -642,7 +649,11 @@ fn random_suffix() -> String {
     data_encoding::HEXLOWER.encode(&b)
 }
 
-fn admit(c: &Connect, sh: &ProxyShared) -> Result<Admitted, Refusal> {
+fn admit(
+    c: &Connect,
+    sh: &ProxyShared,
+    cert: Option<Result<String, &'static str>>,
+) -> Result<Admitted, Refusal> {
     let (client_id, assigned) = if c.client_id.is_empty() {
         if c.version == Version::V4 && !c.clean {
             return Err(Refusal::BadId("empty client id needs a clean session"));
@@ -658,8 +669,24 @@ fn admit(c: &Connect, sh: &ProxyShared) -> Result<Admitted, Refusal> {
     if c.version == Version::V5 && c.properties.get(prop::AUTH_METHOD).is_some() {
         return Err(Refusal::BadAuthMethod);
     }
-    let (principal, logged_in) = match (&c.username, &c.password) {
-        (Some(user), Some(password)) => {
+    let (principal, logged_in) = match (cert, &c.username, &c.password) {
+        // A client certificate: its CN is the principal (mosquitto's
+        // `use_identity_as_username`); a password, if any, is not checked.
+        (Some(Err(why)), _, _) => return Err(Refusal::NotAuthorized(why)),
+        (Some(Ok(cn)), user, _) => {
+            if !acl::valid_name(&cn) {
+                return Err(Refusal::NotAuthorized(
+                    "the client certificate's CN is not a principal name (1-64 of A-Z a-z 0-9 _ . -)",
+                ));
+            }
+            if user.as_ref().is_some_and(|u| *u != cn) {
+                return Err(Refusal::BadAuth(
+                    "user name differs from the client certificate's CN",
+                ));
+            }
+            (cn, true)
+        }
+        (None, Some(user), Some(password)) => {
             let ok = acl::valid_name(user)
                 && sh
                     .credentials
@@ -670,10 +697,10 @@ fn admit(c: &Connect, sh: &ProxyShared) -> Result<Admitted, Refusal> {
             }
             (user.clone(), true)
         }
-        (Some(_), None) | (None, Some(_)) => {
+        (None, Some(_), None) | (None, None, Some(_)) => {
             return Err(Refusal::BadAuth("user name and password go together"));
         }
-        (None, None) => {
+        (None, None, None) => {
             if !sh.anonymous {
                 return Err(Refusal::NotAuthorized("anonymous access is disabled"));
             }
@@ -746,11 +773,14 @@ async fn read_connack<R: AsyncRead + Unpin>(
     Ok(ack)
 }
 
+/// One client connection. `cert` is the principal the client's verified TLS certificate
+/// names (or why it names none), when the TLS listener requires client certificates.
 async fn connection<R, W>(
     crd: R,
     cwr: W,
     peer: SocketAddr,
     sh: &ProxyShared,
+    cert: Option<Result<String, &'static str>>,
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin + Send,
@@ -790,7 +820,7 @@ where
     let version = connect.version;
 
     // 2. Who is it, and may it?
-    let admitted = match admit(&connect, sh) {
+    let admitted = match admit(&connect, sh, cert) {
         Ok(a) => a,
         Err(refusal) => {
             refusal.count(m);

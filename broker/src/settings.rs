@@ -45,6 +45,9 @@ pub struct TlsSettings {
     pub cert: PathBuf,
     /// Private key of the leaf certificate (PEM: PKCS#8, PKCS#1 or SEC1).
     pub key: PathBuf,
+    /// CA certificates (PEM) that issue client certificates. `Some`: every client must
+    /// present a certificate issued by one of them, and its subject CN is the principal.
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Default for BrokerSettings {

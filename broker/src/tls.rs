@@ -1,7 +1,12 @@
 //! MQTT over TLS (`mqtt.listen_tls`): the proxy terminates TLS and relays the decrypted MQTT
 //! stream exactly as it relays a plain connection, so every defence, limit and the direct
 //! delivery paths are the same on both. rustls with the *ring* provider (already in the
-//! build through libp2p's QUIC), TLS 1.2 and 1.3, no client certificates.
+//! build through libp2p's QUIC), TLS 1.2 and 1.3.
+//!
+//! **Client certificates** (`TlsSettings::client_ca`, mutual TLS): every client must present a
+//! certificate issued by one of the CAs, checked by rustls's WebPKI verifier during the
+//! handshake, and the certificate's subject CN is the connection's principal ([`principal`]),
+//! as mosquitto's `use_identity_as_username` does. The CA file is read at start.
 //!
 //! **Certificate rotation.** The acceptor asks a [`CertReloader`] for the certificate at each
 //! handshake. The broker checks the two files' modification time and size every
@@ -19,10 +24,10 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::{
-    self,
+    self, RootCertStore,
     crypto::CryptoProvider,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-    server::{ClientHello, ResolvesServerCert},
+    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
     sign::CertifiedKey,
 };
 use tracing::{info, warn};
@@ -156,14 +161,36 @@ impl CertReloader {
             .clone()
     }
 
-    /// A TLS acceptor that serves whatever certificate this holds at each handshake.
-    pub(crate) fn acceptor(self: &Arc<Self>) -> Result<TlsAcceptor, BrokerError> {
-        let config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
+    /// A TLS acceptor that serves whatever certificate this holds at each handshake and,
+    /// with `client_ca`, requires a client certificate issued by one of its CAs.
+    pub(crate) fn acceptor(
+        self: &Arc<Self>,
+        client_ca: Option<&Path>,
+    ) -> Result<TlsAcceptor, BrokerError> {
+        let builder = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| err(&self.cert, e.to_string()))?
-            .with_no_client_auth()
-            .with_cert_resolver(self.clone());
-        Ok(TlsAcceptor::from(Arc::new(config)))
+            .map_err(|e| err(&self.cert, e.to_string()))?;
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = RootCertStore::empty();
+                for c in pem_certificates(ca)? {
+                    roots
+                        .add(c)
+                        .map_err(|e| err(ca, format!("not a usable CA certificate: {e}")))?;
+                }
+                let verifier = WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    self.provider.clone(),
+                )
+                .build()
+                .map_err(|e| err(ca, e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        Ok(TlsAcceptor::from(Arc::new(
+            builder.with_cert_resolver(self.clone()),
+        )))
     }
 }
 
@@ -195,10 +222,28 @@ pub(crate) async fn watch_files(
     }
 }
 
+/// The principal a verified client certificate names: its subject's common name (CN). The
+/// verifier has checked the chain during the handshake; this only reads the name. `Err` says
+/// why the certificate names no usable principal.
+pub(crate) fn principal(cert: &CertificateDer<'_>) -> Result<String, &'static str> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|_| "the client certificate cannot be parsed")?;
+    let mut names = parsed.subject().iter_common_name();
+    let cn = names
+        .next()
+        .ok_or("the client certificate has no subject CN")?
+        .as_str()
+        .map_err(|_| "the client certificate's CN is not a string")?;
+    if names.next().is_some() {
+        return Err("the client certificate has more than one CN");
+    }
+    Ok(cn.to_string())
+}
+
 /// A TLS acceptor for the pair (for tests).
 #[cfg(test)]
 fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, BrokerError> {
-    CertReloader::new(cert, key)?.acceptor()
+    CertReloader::new(cert, key)?.acceptor(None)
 }
 
 #[cfg(test)]
@@ -246,6 +291,24 @@ mod tests {
         let wrong = write(dir.path(), "wrong.pem", &other.key_pair.serialize_pem());
         let e = fails(&cert, &wrong);
         assert!(e.contains("wrong.pem"), "{e}");
+    }
+
+    #[test]
+    fn the_principal_is_the_subject_cn() {
+        use rcgen::{CertificateParams, DnType, KeyPair};
+        // (rcgen keeps one value per attribute type, so a second CN cannot be made here.)
+        let cert = |cns: &[&str]| {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.distinguished_name = rcgen::DistinguishedName::new();
+            for cn in cns {
+                p.distinguished_name.push(DnType::CommonName, *cn);
+            }
+            let der = p.self_signed(&KeyPair::generate().unwrap()).unwrap();
+            CertificateDer::from(der.der().to_vec())
+        };
+        assert_eq!(principal(&cert(&["alice"])).unwrap(), "alice");
+        assert!(principal(&cert(&[])).unwrap_err().contains("no subject CN"));
+        assert!(principal(&CertificateDer::from(vec![1, 2, 3])).is_err());
     }
 
     /// Moves a file's modification time on, so that a rewrite is seen whatever the file

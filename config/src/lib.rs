@@ -84,6 +84,10 @@ pub struct MqttConfig {
     pub tls_cert: String,
     /// TLS private key of the leaf certificate (PEM); relative to the data directory.
     pub tls_key: String,
+    /// CA certificates (PEM) that issue client certificates; relative to the data
+    /// directory. Empty: no client certificates. Set: every TLS client must present one
+    /// issued by them, and its subject CN is the client's principal.
+    pub tls_client_ca: String,
     /// Anonymous access policy.
     pub allow_anonymous: AllowAnonymous,
     /// Hashed per-agent credentials file; relative to the data directory.
@@ -205,6 +209,7 @@ impl Default for MqttConfig {
             listen_tls: String::new(),
             tls_cert: "tls/cert.pem".into(),
             tls_key: "tls/key.pem".into(),
+            tls_client_ca: String::new(),
             allow_anonymous: AllowAnonymous::Loopback,
             credentials_file: "credentials.toml".into(),
             max_connections: 2_048,
@@ -416,6 +421,13 @@ impl Config {
     pub fn tls_paths(&self) -> (PathBuf, PathBuf) {
         let d = self.data_dir();
         (d.join(&self.mqtt.tls_cert), d.join(&self.mqtt.tls_key))
+    }
+
+    /// The client CA file (`mqtt.tls_client_ca`), resolved against the data directory;
+    /// `None` when client certificates are off.
+    pub fn tls_client_ca_path(&self) -> Option<PathBuf> {
+        (!self.mqtt.tls_client_ca.is_empty())
+            .then(|| self.data_dir().join(&self.mqtt.tls_client_ca))
     }
 
     /// The WordLlama directory: `routing.wordllama_dir` (resolved against the

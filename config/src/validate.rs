@@ -50,6 +50,11 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
             &m.tls_key,
             "a PEM private key file such as \"tls/key.pem\"",
         )?;
+    } else if !m.tls_client_ca.is_empty() {
+        invalid(
+            "mqtt.tls_client_ca",
+            "client certificates need the TLS listener; expected mqtt.listen_tls to be an address, or \"\" here",
+        )?;
     }
     non_empty(
         "mqtt.credentials_file",

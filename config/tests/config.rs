@@ -48,6 +48,10 @@ fn every_validation_rule_names_its_key() {
             "[mqtt]\nlisten_tls = \"127.0.0.1:8883\"\ntls_key = \" \"",
             "mqtt.tls_key",
         ),
+        (
+            "[mqtt]\ntls_client_ca = \"ca.pem\"",
+            "mqtt.tls_client_ca: client certificates need the TLS listener",
+        ),
         ("[mqtt]\ncredentials_file = \"\"", "mqtt.credentials_file"),
         ("[mqtt]\nmax_connections = 0", "mqtt.max_connections"),
         ("[mqtt]\nmax_payload_bytes = 0", "mqtt.max_payload_bytes"),

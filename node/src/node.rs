@@ -128,7 +128,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         listen_v5: cfg.mqtt.listen_v5_addr(),
         tls: cfg.mqtt.listen_tls_addr().map(|listen| {
             let (cert, key) = cfg.tls_paths();
-            fedmesh_broker::TlsSettings { listen, cert, key }
+            fedmesh_broker::TlsSettings {
+                listen,
+                cert,
+                key,
+                client_ca: cfg.tls_client_ca_path(),
+            }
         }),
         anonymous: cfg.mqtt.anonymous_allowed(),
         credentials_path: Some(cfg.credentials_path()),

@@ -363,3 +363,157 @@ fn sighup_rotates_the_certificate_and_a_broken_one_is_refused() {
     );
     assert_eq!(broker_counter(&node, "tls_reloads"), reloads);
 }
+
+/// A CA and client certificates it issues, for mutual TLS.
+struct ClientPki {
+    _dir: tempfile::TempDir,
+    ca: PathBuf,
+    /// (certificate, key) files by CN.
+    clients: Vec<(String, PathBuf, PathBuf)>,
+}
+
+fn client_pki(cns: &[&str]) -> ClientPki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "fedmesh test client CA");
+    let ca_cert = ca_params.self_signed(&ca_key).expect("CA");
+    let ca = dir.path().join("client-ca.pem");
+    std::fs::write(&ca, ca_cert.pem()).expect("write");
+    let clients = cns
+        .iter()
+        .enumerate()
+        .map(|(i, cn)| {
+            let key = KeyPair::generate().expect("key");
+            let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+            p.distinguished_name.push(DnType::CommonName, *cn);
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            let cert = p.signed_by(&key, &ca_cert, &ca_key).expect("sign");
+            let (c, k) = (
+                dir.path().join(format!("client{i}.pem")),
+                dir.path().join(format!("client{i}.key")),
+            );
+            std::fs::write(&c, cert.pem()).expect("write");
+            std::fs::write(&k, key.serialize_pem()).expect("write");
+            (cn.to_string(), c, k)
+        })
+        .collect();
+    ClientPki {
+        _dir: dir,
+        ca,
+        clients,
+    }
+}
+
+/// Mutual TLS (`mqtt.tls_client_ca`): a client certificate issued by the CA logs the client
+/// in as its CN, with no password: it may use that principal's API topics, which its client
+/// id alone would not allow. No certificate, a certificate from another CA, a user name that
+/// differs from the CN and a CN that is no principal name are each refused, and the listener
+/// keeps serving.
+#[test]
+fn client_certificates_name_the_principal_and_everything_else_is_refused() {
+    let server = certs();
+    let pki = client_pki(&["alice", "not a name!"]);
+    let stranger = client_pki(&["alice"]);
+    let tls = free_port();
+    let mut env = tls_env(tls, &server);
+    env.push((
+        "FEDMESH_MQTT__TLS_CLIENT_CA".into(),
+        pki.ca.display().to_string(),
+    ));
+    let node = TestNode::start_with(env).expect("node");
+    node.wait_status("the TLS listener is up", Duration::from_secs(10), |s| {
+        !s["mqtt"]["tls"].is_null()
+    });
+    let port = tls.to_string();
+    let mosquitto = |tool: &str, cert: Option<(&Path, &Path)>, extra: &[&str]| {
+        let mut c = Command::new(tool);
+        c.args(["-h", "localhost", "-p", &port, "-q", "1", "--cafile"])
+            .arg(&server.cert);
+        if let Some((cert, key)) = cert {
+            c.arg("--cert").arg(cert).arg("--key").arg(key);
+        }
+        c.args(extra);
+        c
+    };
+    let (_, alice_cert, alice_key) = &pki.clients[0];
+    let alice = Some((alice_cert.as_path(), alice_key.as_path()));
+
+    // Logged in as "alice" by the certificate: the client ids are not "alice", and only
+    // principal alice may publish to fedmesh/v1/client/alice/…, so the node's answer on the
+    // inbox proves who the proxy took the client for.
+    let mut inbox = mosquitto("mosquitto_sub", alice, &[])
+        .args(["-i", "alice-inbox", "-t", "fedmesh/v1/client/alice/inbox"])
+        .args(["-C", "1", "-W", "20", "-v"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub");
+    let submit =
+        r#"{"request_id":"r1","description":"nobody does this","input":"x","deadline_ms":2000}"#;
+    let start = Instant::now();
+    // Resubmitted until the inbox has an answer: it may not have subscribed yet.
+    while inbox.try_wait().expect("wait").is_none() {
+        let out = mosquitto("mosquitto_pub", alice, &[])
+            .args(["-i", "alice-submit", "-t", "fedmesh/v1/client/alice/submit"])
+            .args(["-m", submit])
+            .output()
+            .expect("mosquitto_pub");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no answer on alice's inbox; log:\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let out = inbox.wait_with_output().expect("output");
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        answer.starts_with("fedmesh/v1/client/alice/inbox ") && answer.contains("r1"),
+        "{answer}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let refused = |cert: Option<(&Path, &Path)>, extra: &[&str]| {
+        let out = mosquitto("mosquitto_pub", cert, extra)
+            .args(["-t", "mtls/x", "-m", "m"])
+            .output()
+            .expect("mosquitto_pub");
+        assert!(!out.status.success(), "connected with {cert:?} {extra:?}");
+        String::from_utf8_lossy(&out.stderr).to_lowercase()
+    };
+    let failures = broker_counter(&node, "tls_handshake_failures");
+    refused(None, &[]);
+    let (_, c, k) = &stranger.clients[0];
+    refused(Some((c, k)), &[]);
+    wait_counter(&node, "tls_handshake_failures", failures + 2.0);
+    let e = refused(alice, &["-u", "bob"]);
+    assert!(e.contains("bad user name or password"), "{e}");
+    let (_, c, k) = &pki.clients[1];
+    let e = refused(Some((c, k)), &[]);
+    assert!(e.contains("not authori"), "{e}");
+    let log = node.log();
+    assert!(
+        log.contains("user name differs from the client certificate's CN")
+            && log.contains("CN is not a principal name"),
+        "{log}"
+    );
+
+    // Still serving.
+    let out = mosquitto("mosquitto_pub", alice, &[])
+        .args(["-t", "mtls/x", "-m", "m"])
+        .output()
+        .expect("mosquitto_pub");
+    assert!(out.status.success());
+}
