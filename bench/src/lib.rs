@@ -6,7 +6,8 @@
 //!   number, send time), from which a subscriber derives latency, loss and duplicates;
 //! * [`hist`]: a fixed-size log-linear latency histogram (< 0.8 % relative error).
 //!
-//! The `mqtt-load` binary (`src/bin/mqtt-load.rs`) puts them together.
+//! The `mqtt-load` binary (`src/bin/mqtt-load.rs`) puts them together, over plain TCP or,
+//! with `--tls-ca`, over TLS (rustls with *ring*, as the node's `mqtt.listen_tls`).
 
 pub mod hist;
 pub mod mqtt;

@@ -30,9 +30,19 @@
 //! * `--rss-pid PID` samples the resident set size (`VmRSS` in `/proc/PID/status`) of
 //!   another process, the broker, every `--rss-every` while the run lasts, and reports
 //!   the maximum, the last sample and the series.
+//! * `--tls-ca FILE` connects every client over TLS (rustls, *ring*, TLS 1.2/1.3),
+//!   trusting the PEM certificates in FILE and checking the broker's certificate against
+//!   `--tls-server-name` (default `localhost`); the report says `"tls": true`. The run is
+//!   generic over the stream types, chosen once at setup (no dynamic dispatch, so the plain
+//!   TCP path is exactly what it is without TLS): event-loop clients use `tokio-rustls`;
+//!   a fixed-rate publisher's blocking `rustls::ClientConnection` is shared, behind a
+//!   mutex held to encrypt and send or to decrypt but never while waiting for input, with
+//!   its PUBACK reader thread, which waits on its own handle of the socket with the same
+//!   read timeout as in plain TCP.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -44,7 +54,12 @@ use fedmesh_bench::hist::Histogram;
 use fedmesh_bench::mqtt::{self, ConnectOptions, Packet};
 use fedmesh_bench::stamp::{self, Stamp};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::runtime::Runtime;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{self, ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 
 /// Messages per publisher when neither `--messages` nor `--duration` is given.
 const DEFAULT_MESSAGES: u64 = 200_000;
@@ -148,6 +163,12 @@ struct Args {
     /// Interval of the RSS samples.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     rss_every: Duration,
+    /// Connect over TLS, trusting the CA (or self-signed) certificates in this PEM file.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// With --tls-ca: the name the broker's certificate must carry.
+    #[arg(long, value_name = "NAME", default_value = "localhost")]
+    tls_server_name: String,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -194,24 +215,42 @@ struct Shared {
     abort: AtomicBool,
 }
 
-/// A connected client with its unparsed input.
-struct Conn {
-    stream: TcpStream,
+/// A connected client (CONNACK received) with its unparsed input.
+struct Conn<S> {
+    stream: S,
     buf: Vec<u8>,
     filled: usize,
 }
 
-impl Conn {
-    fn open(args: &Args, client_id: &str) -> Result<Self> {
-        let addr = (args.host.as_str(), args.port)
-            .to_socket_addrs()
-            .with_context(|| format!("resolving {}:{}", args.host, args.port))?
-            .next()
-            .with_context(|| format!("no address for {}", args.host))?;
-        let stream = TcpStream::connect_timeout(&addr, HANDSHAKE_TIMEOUT)
-            .with_context(|| format!("connecting to {addr}"))?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+/// A TCP connection to the broker with TCP_NODELAY, reads timing out after
+/// [`HANDSHAKE_TIMEOUT`].
+fn tcp_connect(args: &Args) -> Result<TcpStream> {
+    let addr = (args.host.as_str(), args.port)
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {}:{}", args.host, args.port))?
+        .next()
+        .with_context(|| format!("no address for {}", args.host))?;
+    let stream = TcpStream::connect_timeout(&addr, HANDSHAKE_TIMEOUT)
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    Ok(stream)
+}
+
+impl<S> Conn<S> {
+    /// The same connection over another type of stream.
+    fn map<T>(self, f: impl FnOnce(S) -> Result<T>) -> Result<Conn<T>> {
+        Ok(Conn {
+            stream: f(self.stream)?,
+            buf: self.buf,
+            filled: self.filled,
+        })
+    }
+}
+
+impl<S: Read + Write> Conn<S> {
+    /// Sends CONNECT on `stream` and waits for the CONNACK.
+    fn handshake(stream: S, args: &Args, client_id: &str) -> Result<Self> {
         let mut conn = Self {
             stream,
             buf: vec![0; READ_BUF],
@@ -228,7 +267,7 @@ impl Conn {
                 password: args.password.as_deref(),
             },
         );
-        conn.stream.write_all(&out)?;
+        conn.stream.write_all(&out).context("sending CONNECT")?;
         match conn.next_control()? {
             (mqtt::kind::CONNACK, 0) => Ok(conn),
             (mqtt::kind::CONNACK, code) => bail!("{client_id}: CONNACK refused, code {code}"),
@@ -250,6 +289,11 @@ impl Conn {
     /// Reads the next frame during the handshake: its type and first return code.
     fn next_control(&mut self) -> Result<(u8, u8)> {
         loop {
+            // A TLS alert record (content type 21, version 3.x), not MQTT.
+            ensure!(
+                !self.buf[..self.filled].starts_with(&[0x15, 0x03]),
+                "the broker answered with a TLS alert: this port expects TLS (--tls-ca)"
+            );
             if let Some((p, n)) = mqtt::parse(&self.buf[..self.filled])? {
                 let r = match p {
                     Packet::ConnAck { code } => (mqtt::kind::CONNACK, code),
@@ -276,12 +320,363 @@ impl Conn {
     }
 }
 
-fn read_or_poll(stream: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+fn read_or_poll<R: Read>(stream: &mut R, buf: &mut [u8]) -> io::Result<Option<usize>> {
     match stream.read(buf) {
         Ok(n) => Ok(Some(n)),
         Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Ok(None),
         Err(e) if e.kind() == ErrorKind::Interrupted => Ok(None),
         Err(e) => Err(e),
+    }
+}
+
+// ---------------------------------------------------------------- transports
+
+/// How clients reach the broker: plain TCP ([`Plain`]) or TLS ([`Tls`]), chosen once;
+/// the run is generic over the two stream types.
+trait Transport {
+    /// Streams of subscribers and as-fast-as-possible publishers (the event loop).
+    type Async: AsyncLink;
+    /// Streams of fixed-rate publishers (blocking, each on its own thread).
+    type Blocking: BlockingLink;
+    /// A client on the event loop of `rt`, connected (and subscribed to `--topic`, with
+    /// `subscribe`).
+    fn open_async(
+        &self,
+        rt: &Runtime,
+        args: &Args,
+        id: &str,
+        subscribe: bool,
+    ) -> Result<Conn<Self::Async>>;
+    /// A fixed-rate publisher, connected.
+    fn open_blocking(&self, args: &Args, id: &str) -> Result<Conn<Self::Blocking>>;
+}
+
+/// A stream on the event loop, split between a publisher and its PUBACK reader task.
+trait AsyncLink: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Rd: AsyncRead + Unpin + Send + 'static;
+    type Wr: AsyncWrite + Unpin + Send + 'static;
+    fn halves(self) -> (Self::Rd, Self::Wr);
+    /// The negotiated TLS cipher suite (plain TCP: none).
+    fn cipher_suite(&self) -> Option<String> {
+        None
+    }
+}
+
+impl AsyncLink for tokio::net::TcpStream {
+    type Rd = tokio::net::tcp::OwnedReadHalf;
+    type Wr = tokio::net::tcp::OwnedWriteHalf;
+    fn halves(self) -> (Self::Rd, Self::Wr) {
+        self.into_split()
+    }
+}
+
+impl AsyncLink for tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    type Rd = tokio::io::ReadHalf<Self>;
+    type Wr = tokio::io::WriteHalf<Self>;
+    fn halves(self) -> (Self::Rd, Self::Wr) {
+        tokio::io::split(self)
+    }
+    fn cipher_suite(&self) -> Option<String> {
+        let suite = self.get_ref().1.negotiated_cipher_suite()?;
+        Some(format!("{:?}", suite.suite()))
+    }
+}
+
+/// A fixed-rate publisher's blocking stream; at QoS 1 a thread of its own reads the
+/// PUBACKs.
+trait BlockingLink: Write + Send + 'static {
+    type Acks: Read + Send + 'static;
+    /// The reading side for the PUBACK thread; its reads time out after [`POLL`].
+    fn acks(&self) -> io::Result<Self::Acks>;
+    /// Ends the stream in writing (after the DISCONNECT).
+    fn close_write(&mut self);
+}
+
+impl BlockingLink for TcpStream {
+    type Acks = TcpStream;
+    fn acks(&self) -> io::Result<TcpStream> {
+        let stream = self.try_clone()?;
+        stream.set_read_timeout(Some(POLL))?;
+        Ok(stream)
+    }
+    fn close_write(&mut self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+}
+
+/// Plain TCP.
+#[derive(Debug)]
+struct Plain;
+
+impl Transport for Plain {
+    type Async = tokio::net::TcpStream;
+    type Blocking = TcpStream;
+
+    fn open_async(
+        &self,
+        rt: &Runtime,
+        args: &Args,
+        id: &str,
+        subscribe: bool,
+    ) -> Result<Conn<Self::Async>> {
+        let mut c = Conn::handshake(tcp_connect(args)?, args, id)?;
+        if subscribe {
+            c.subscribe(&args.topic, args.qos)?;
+        }
+        c.stream.set_read_timeout(None)?;
+        c.stream.set_nonblocking(true)?;
+        let _rt = rt.enter();
+        c.map(|s| Ok(tokio::net::TcpStream::from_std(s)?))
+    }
+
+    fn open_blocking(&self, args: &Args, id: &str) -> Result<Conn<TcpStream>> {
+        Conn::handshake(tcp_connect(args)?, args, id)
+    }
+}
+
+/// TLS (`--tls-ca`): rustls with the *ring* provider, as the node's listener.
+#[derive(Debug)]
+struct Tls {
+    config: Arc<ClientConfig>,
+    server_name: ServerName<'static>,
+}
+
+impl Tls {
+    /// Trusts the certificates in the PEM file `ca`; every failure names the file.
+    fn new(ca: &Path, server_name: &str) -> Result<Self> {
+        let what = || format!("--tls-ca {}", ca.display());
+        let certs = CertificateDer::pem_file_iter(ca)
+            .with_context(what)?
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("{}: not a PEM certificate file", what()))?;
+        ensure!(!certs.is_empty(), "{}: no CERTIFICATE block found", what());
+        let mut roots = RootCertStore::empty();
+        for c in certs {
+            roots.add(c).with_context(what)?;
+        }
+        let config =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .context("TLS protocol versions")?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let server_name = ServerName::try_from(server_name.to_owned())
+            .with_context(|| format!("--tls-server-name {server_name:?}"))?;
+        Ok(Self {
+            config: Arc::new(config),
+            server_name,
+        })
+    }
+
+    /// The TLS handshake over `sock`, blocking (subject to its read timeout).
+    fn handshake_blocking(
+        &self,
+        mut sock: TcpStream,
+    ) -> Result<StreamOwned<ClientConnection, TcpStream>> {
+        let mut tls = ClientConnection::new(self.config.clone(), self.server_name.clone())?;
+        while tls.is_handshaking() {
+            tls.complete_io(&mut sock)?;
+        }
+        Ok(StreamOwned::new(tls, sock))
+    }
+}
+
+impl Transport for Tls {
+    type Async = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+    type Blocking = TlsWriter;
+
+    fn open_async(
+        &self,
+        rt: &Runtime,
+        args: &Args,
+        id: &str,
+        subscribe: bool,
+    ) -> Result<Conn<Self::Async>> {
+        let sock = tcp_connect(args)?;
+        sock.set_read_timeout(None)?;
+        sock.set_nonblocking(true)?;
+        let connector = TlsConnector::from(self.config.clone());
+        let stream = rt
+            .block_on(async {
+                let sock = tokio::net::TcpStream::from_std(sock)?;
+                tokio::time::timeout(
+                    HANDSHAKE_TIMEOUT,
+                    connector.connect(self.server_name.clone(), sock),
+                )
+                .await
+                .unwrap_or_else(|_| Err(ErrorKind::TimedOut.into()))
+            })
+            .with_context(|| format!("TLS handshake with {}:{}", args.host, args.port))?;
+        let mut c = Conn::handshake(BlockOn { rt, stream }, args, id)?;
+        if subscribe {
+            c.subscribe(&args.topic, args.qos)?;
+        }
+        c.map(|b| Ok(b.stream))
+    }
+
+    fn open_blocking(&self, args: &Args, id: &str) -> Result<Conn<TlsWriter>> {
+        let tls = self
+            .handshake_blocking(tcp_connect(args)?)
+            .with_context(|| format!("TLS handshake with {}:{}", args.host, args.port))?;
+        Conn::handshake(tls, args, id)?.map(|s| Ok(TlsWriter::new(s)))
+    }
+}
+
+/// std `Read`/`Write` on an async stream by blocking on the (not yet running) runtime:
+/// the MQTT handshake of an event-loop client over TLS.
+struct BlockOn<'a, S> {
+    rt: &'a Runtime,
+    stream: S,
+}
+
+impl<S: AsyncRead + Unpin> Read for BlockOn<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let s = &mut self.stream;
+        // The timer must be made inside the runtime (in the future, not before block_on).
+        self.rt
+            .block_on(async { tokio::time::timeout(HANDSHAKE_TIMEOUT, s.read(buf)).await })
+            .unwrap_or_else(|_| Err(ErrorKind::TimedOut.into()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Write for BlockOn<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.rt.block_on(self.stream.write(buf))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.rt.block_on(self.stream.flush())
+    }
+}
+
+/// Writes all the TLS records `tls` has ready to `sock` (blocking).
+fn send_tls(tls: &mut ClientConnection, sock: &mut TcpStream) -> io::Result<()> {
+    while tls.wants_write() {
+        match tls.write_tls(sock) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn tls_poisoned() -> io::Error {
+    io::Error::other("TLS state poisoned by a panic")
+}
+
+/// The writing side of a fixed-rate publisher's TLS connection. The rustls state is shared
+/// with the PUBACK reader ([`TlsReader`]); each side has its own handle of the socket, and
+/// the lock is held to encrypt and write, never while waiting for input.
+#[derive(Debug)]
+struct TlsWriter {
+    tls: Arc<Mutex<ClientConnection>>,
+    sock: TcpStream,
+}
+
+impl TlsWriter {
+    fn new(s: StreamOwned<ClientConnection, TcpStream>) -> Self {
+        let (tls, sock) = s.into_parts();
+        Self {
+            tls: Arc::new(Mutex::new(tls)),
+            sock,
+        }
+    }
+}
+
+impl Write for TlsWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        let mut tls = self.tls.lock().map_err(|_| tls_poisoned())?;
+        let mut pos = 0;
+        while pos < buf.len() {
+            // rustls buffers a bounded amount of plaintext: write what it takes, send it.
+            let n = tls.writer().write(&buf[pos..])?;
+            pos += n;
+            send_tls(&mut tls, &mut self.sock)?;
+            if n == 0 {
+                return Err(ErrorKind::WriteZero.into());
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl BlockingLink for TlsWriter {
+    type Acks = TlsReader;
+
+    fn acks(&self) -> io::Result<TlsReader> {
+        let sock = self.sock.try_clone()?;
+        sock.set_read_timeout(Some(POLL))?;
+        Ok(TlsReader {
+            tls: self.tls.clone(),
+            sock,
+            raw: vec![0; 64 * 1024],
+            start: 0,
+            end: 0,
+        })
+    }
+
+    fn close_write(&mut self) {
+        if let Ok(mut tls) = self.tls.lock() {
+            tls.send_close_notify();
+            let _ = send_tls(&mut tls, &mut self.sock);
+        }
+        let _ = self.sock.shutdown(Shutdown::Write);
+    }
+}
+
+/// The reading side of a fixed-rate publisher's TLS connection: waits on the socket
+/// without the lock (a read times out after [`POLL`] with `WouldBlock`/`TimedOut`, as a
+/// plain socket's), then takes it to decrypt.
+#[derive(Debug)]
+struct TlsReader {
+    tls: Arc<Mutex<ClientConnection>>,
+    sock: TcpStream,
+    /// Ciphertext read, `raw[start..end]` not yet given to rustls.
+    raw: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Read for TlsReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            {
+                let mut tls = self.tls.lock().map_err(|_| tls_poisoned())?;
+                loop {
+                    // Plaintext first; feed more ciphertext only once it is all taken, so
+                    // that rustls' plaintext buffer never overflows.
+                    match tls.reader().read(buf) {
+                        Ok(n) => return Ok(n), // 0: close_notify
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                    if self.start == self.end {
+                        break;
+                    }
+                    let n = tls.read_tls(&mut &self.raw[self.start..self.end])?;
+                    self.start = if n == 0 { self.end } else { self.start + n };
+                    tls.process_new_packets()
+                        .map_err(|e| io::Error::new(ErrorKind::InvalidData, e))?;
+                    // Anything to answer (an alert, a key update).
+                    send_tls(&mut tls, &mut self.sock)?;
+                }
+            }
+            // Times out with WouldBlock/TimedOut after POLL: the caller polls.
+            let n = self.sock.read(&mut self.raw)?;
+            if n == 0 {
+                return Ok(0);
+            }
+            (self.start, self.end) = (0, n);
+        }
     }
 }
 
@@ -413,20 +808,17 @@ impl SubStats {
     }
 }
 
-async fn subscriber(
-    conn: Conn,
+async fn subscriber<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: Conn<S>,
     args: Arc<Args>,
     clock: Clock,
     shared: Arc<Shared>,
 ) -> Result<SubStats> {
     let Conn {
-        stream,
+        mut stream,
         mut buf,
         mut filled,
     } = conn;
-    stream.set_read_timeout(None)?;
-    stream.set_nonblocking(true)?;
-    let mut stream = tokio::net::TcpStream::from_std(stream)?;
     let mut s = SubStats {
         first_ns: u64::MAX,
         seen: (0..args.publishers).map(|_| Seen::default()).collect(),
@@ -557,8 +949,8 @@ fn count_pubacks(data: &[u8]) -> Result<(usize, u64)> {
     Ok((pos, acks))
 }
 
-fn ack_reader(mut stream: TcpStream, window: &Window) -> Result<()> {
-    stream.set_read_timeout(Some(POLL))?;
+/// Reads PUBACKs from `stream`, whose reads time out after [`POLL`].
+fn ack_reader<R: Read>(mut stream: R, window: &Window) -> Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut filled = 0;
     let result = loop {
@@ -667,20 +1059,20 @@ impl Schedule {
 
 /// A fixed-rate publisher: a blocking socket on its own OS thread (QoS 1: plus a thread
 /// reading PUBACKs).
-fn paced_publisher(
-    mut conn: Conn,
+fn paced_publisher<B: BlockingLink>(
+    mut conn: Conn<B>,
     index: u32,
     args: &Args,
     clock: Clock,
     shared: &Shared,
     sched: Schedule,
-) -> Result<(PubStats, TcpStream)> {
+) -> Result<(PubStats, B)> {
     let qos = args.qos;
     let frame_len = 5 + args.topic.len() + 2 + args.size;
     let batch_max = (WRITE_BATCH_BYTES / frame_len).max(1) as u64;
     let window = Arc::new(Window::default());
     let reader = if qos == 1 {
-        let stream = conn.stream.try_clone()?;
+        let stream = conn.stream.acks()?;
         let w = window.clone();
         Some(
             thread::Builder::new()
@@ -792,10 +1184,7 @@ struct AsyncWindow {
     stop: tokio::sync::Notify,
 }
 
-async fn ack_reader_async(
-    mut rd: tokio::net::tcp::OwnedReadHalf,
-    w: Arc<AsyncWindow>,
-) -> (tokio::net::tcp::OwnedReadHalf, Result<()>) {
+async fn ack_reader_async<R: AsyncRead + Unpin>(mut rd: R, w: Arc<AsyncWindow>) -> (R, Result<()>) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut filled = 0;
     let r = loop {
@@ -837,21 +1226,19 @@ async fn ack_reader_async(
 
 /// An as-fast-as-possible publisher: a task on the shared event loop (QoS 1: plus a
 /// task reading PUBACKs).
-async fn fast_publisher(
-    conn: Conn,
+async fn fast_publisher<A: AsyncLink>(
+    conn: Conn<A>,
     index: u32,
     args: Arc<Args>,
     clock: Clock,
     shared: Arc<Shared>,
     sched: Schedule,
-) -> Result<(PubStats, TcpStream)> {
+) -> Result<(PubStats, A::Rd, A::Wr)> {
     let qos = args.qos;
     let window = u64::from(args.inflight);
     let frame_len = 5 + args.topic.len() + 2 + args.size;
     let batch_max = (WRITE_BATCH_BYTES / frame_len).max(1) as u64;
-    conn.stream.set_read_timeout(None)?;
-    conn.stream.set_nonblocking(true)?;
-    let (rd, mut wr) = tokio::net::TcpStream::from_std(conn.stream)?.into_split();
+    let (rd, mut wr) = conn.stream.halves();
     let w = Arc::new(AsyncWindow::default());
     let (reader, mut idle_rd) = if qos == 1 {
         (Some(tokio::spawn(ack_reader_async(rd, w.clone()))), None)
@@ -930,9 +1317,8 @@ async fn fast_publisher(
         idle_rd = Some(rd);
     }
     result?;
-    let stream = match idle_rd {
-        Some(rd) => rd.reunite(wr)?.into_std()?,
-        None => bail!("publisher {index}: read half lost"),
+    let Some(rd) = idle_rd else {
+        bail!("publisher {index}: read half lost");
     };
     Ok((
         PubStats {
@@ -942,7 +1328,8 @@ async fn fast_publisher(
             end_ns,
             lag: Histogram::new(),
         },
-        stream,
+        rd,
+        wr,
     ))
 }
 
@@ -1041,6 +1428,11 @@ impl Quantiles {
 struct Report {
     host: String,
     port: u16,
+    /// `--tls-ca`: every client connected over TLS.
+    tls: bool,
+    /// With TLS: the cipher suite negotiated (by the first subscriber), e.g.
+    /// `TLS13_AES_256_GCM_SHA384`.
+    tls_cipher_suite: Option<String>,
     qos: u8,
     size: usize,
     publishers: u32,
@@ -1103,8 +1495,19 @@ fn print_text(r: &Report) {
         "as fast as possible".into()
     };
     println!(
-        "mqtt-load {}:{}  qos {}  {} B  {}→{}  {}",
-        r.host, r.port, r.qos, r.size, r.publishers, r.subscribers, mode
+        "mqtt-load {}:{}{}  qos {}  {} B  {}→{}  {}",
+        r.host,
+        r.port,
+        if r.tls {
+            format!(" (TLS, {})", r.tls_cipher_suite.as_deref().unwrap_or("?"))
+        } else {
+            String::new()
+        },
+        r.qos,
+        r.size,
+        r.publishers,
+        r.subscribers,
+        mode
     );
     println!(
         "sent      {} ({:.0} msg/s){}",
@@ -1163,12 +1566,90 @@ fn print_text(r: &Report) {
     }
 }
 
+/// A publisher's connection: to the event loop (as fast as possible) or to a thread of
+/// its own (fixed rate).
+enum PubConn<T: Transport> {
+    Fast(Conn<T::Async>),
+    Paced(Conn<T::Blocking>),
+}
+
+/// A publisher's stream once it is done, kept open until the subscribers are.
+enum PubEnd<T: Transport> {
+    Fast(<T::Async as AsyncLink>::Rd, <T::Async as AsyncLink>::Wr),
+    Paced(T::Blocking),
+}
+
+/// What a run measured.
+#[derive(Debug)]
+struct Outcome {
+    pub_stats: Vec<PubStats>,
+    sub_stats: Vec<SubStats>,
+    rss: Option<RssReport>,
+    /// The TLS cipher suite negotiated (with TLS).
+    tls_cipher_suite: Option<String>,
+}
+
+/// Connects every client over `transport` (subscribers first, so that no message is
+/// published before every subscription is in place), then runs the load on `rt`.
+fn connect_and_run<T: Transport + 'static>(
+    transport: &T,
+    rt: &Runtime,
+    args: Arc<Args>,
+    prefix: &str,
+    clock: Clock,
+    shared: Arc<Shared>,
+) -> Result<Outcome> {
+    let mut subs = Vec::new();
+    for i in 0..args.subscribers {
+        let id = format!("{prefix}.s{i}");
+        subs.push(
+            transport
+                .open_async(rt, &args, &id, true)
+                .with_context(|| format!("subscriber {id}"))?,
+        );
+    }
+    let mut pubs = Vec::new();
+    for i in 0..args.publishers {
+        let id = format!("{prefix}.p{i}");
+        let c = if args.rate > 0.0 {
+            transport.open_blocking(&args, &id).map(PubConn::Paced)
+        } else {
+            transport
+                .open_async(rt, &args, &id, false)
+                .map(PubConn::Fast)
+        };
+        pubs.push(c.with_context(|| format!("publisher {id}"))?);
+    }
+    let suite = subs.first().and_then(|c| c.stream.cipher_suite());
+    let sampler = match args.rss_pid {
+        Some(pid) => Some(RssSampler::start(pid, args.rss_every)?),
+        None => None,
+    };
+    let (pub_stats, sub_stats) = rt.block_on(run::<T>(args.clone(), subs, pubs, clock, shared))?;
+    let rss = sampler.zip(args.rss_pid).map(|(s, pid)| {
+        let samples_kib = s.finish();
+        RssReport {
+            pid,
+            max_kib: samples_kib.iter().copied().max().unwrap_or(0),
+            first_kib: samples_kib.first().copied().unwrap_or(0),
+            last_kib: samples_kib.last().copied().unwrap_or(0),
+            samples_kib,
+        }
+    });
+    Ok(Outcome {
+        pub_stats,
+        sub_stats,
+        rss,
+        tls_cipher_suite: suite,
+    })
+}
+
 /// Runs subscribers and publishers to the end; fixed-rate publishers get blocking
 /// threads, everything else shares the current (single-threaded) runtime.
-async fn run(
+async fn run<T: Transport + 'static>(
     args: Arc<Args>,
-    subs: Vec<Conn>,
-    pubs: Vec<Conn>,
+    subs: Vec<Conn<T::Async>>,
+    pubs: Vec<PubConn<T>>,
     clock: Clock,
     shared: Arc<Shared>,
 ) -> Result<(Vec<PubStats>, Vec<SubStats>)> {
@@ -1197,25 +1678,28 @@ async fn run(
             spin: interval_ns.is_some_and(|iv| iv >= SPIN_MIN_INTERVAL.as_nanos() as f64),
         };
         let (a, s) = (args.clone(), shared.clone());
-        let finish = |s: &Shared, r: &Result<(PubStats, TcpStream)>| {
-            if r.is_err() {
+        let finish = |s: &Shared, failed: bool| {
+            if failed {
                 s.abort.store(true, Ordering::SeqCst);
             }
             s.publishers_done.fetch_add(1, Ordering::SeqCst);
         };
-        pub_tasks.push(if interval_ns.is_some() {
-            tokio::task::spawn_blocking(move || {
+        // Paced exactly when interval_ns is some (connect_and_run: --rate > 0).
+        pub_tasks.push(match c {
+            PubConn::Paced(c) => tokio::task::spawn_blocking(move || {
                 wait_until(clock, sched.start_ns, sched.spin);
-                let r = paced_publisher(c, i, &a, clock, &s, sched);
-                finish(&s, &r);
+                let r = paced_publisher(c, i, &a, clock, &s, sched)
+                    .map(|(st, b)| (st, PubEnd::<T>::Paced(b)));
+                finish(&s, r.is_err());
                 r
-            })
-        } else {
-            tokio::spawn(async move {
-                let r = fast_publisher(c, i, a, clock, s.clone(), sched).await;
-                finish(&s, &r);
+            }),
+            PubConn::Fast(c) => tokio::spawn(async move {
+                let r = fast_publisher(c, i, a, clock, s.clone(), sched)
+                    .await
+                    .map(|(st, rd, wr)| (st, PubEnd::<T>::Fast(rd, wr)));
+                finish(&s, r.is_err());
                 r
-            })
+            }),
         });
     }
     let mut pub_stats = Vec::new();
@@ -1247,11 +1731,19 @@ async fn run(
             }
         }
     }
-    for mut s in pub_streams {
-        let mut out = Vec::with_capacity(2);
-        mqtt::disconnect(&mut out);
-        let _ = s.write_all(&out);
-        let _ = s.shutdown(Shutdown::Write);
+    let mut out = Vec::with_capacity(2);
+    mqtt::disconnect(&mut out);
+    for end in pub_streams {
+        match end {
+            PubEnd::Fast(_rd, mut wr) => {
+                let _ = wr.write_all(&out).await;
+                let _ = wr.shutdown().await;
+            }
+            PubEnd::Paced(mut s) => {
+                let _ = s.write_all(&out);
+                s.close_write();
+            }
+        }
     }
     match first_error {
         Some(e) => Err(e),
@@ -1294,44 +1786,25 @@ fn real_main() -> Result<()> {
         .client_prefix
         .clone()
         .unwrap_or_else(|| format!("mqttload.{}", std::process::id()));
+    let tls = match &args.tls_ca {
+        Some(ca) => Some(Tls::new(ca, &args.tls_server_name)?),
+        None => None,
+    };
     let clock = Clock(Instant::now());
     let shared = Arc::new(Shared::default());
-
-    // Connect and subscribe first, so that no message is published before every
-    // subscription is in place.
-    let mut subs = Vec::new();
-    for i in 0..args.subscribers {
-        let id = format!("{prefix}.s{i}");
-        let mut c = Conn::open(&args, &id).with_context(|| format!("subscriber {id}"))?;
-        c.subscribe(&args.topic, args.qos)
-            .with_context(|| format!("subscriber {id}"))?;
-        subs.push(c);
-    }
-    let mut pubs = Vec::new();
-    for i in 0..args.publishers {
-        let id = format!("{prefix}.p{i}");
-        pubs.push(Conn::open(&args, &id).with_context(|| format!("publisher {id}"))?);
-    }
-
     let args = Arc::new(args);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let sampler = match args.rss_pid {
-        Some(pid) => Some(RssSampler::start(pid, args.rss_every)?),
-        None => None,
+    let Outcome {
+        pub_stats,
+        sub_stats,
+        rss,
+        tls_cipher_suite,
+    } = match &tls {
+        Some(t) => connect_and_run(t, &rt, args.clone(), &prefix, clock, shared)?,
+        None => connect_and_run(&Plain, &rt, args.clone(), &prefix, clock, shared)?,
     };
-    let (pub_stats, sub_stats) = rt.block_on(run(args.clone(), subs, pubs, clock, shared))?;
-    let rss = sampler.zip(args.rss_pid).map(|(s, pid)| {
-        let samples_kib = s.finish();
-        RssReport {
-            pid,
-            max_kib: samples_kib.iter().copied().max().unwrap_or(0),
-            first_kib: samples_kib.first().copied().unwrap_or(0),
-            last_kib: samples_kib.last().copied().unwrap_or(0),
-            samples_kib,
-        }
-    });
 
     if args.gaps {
         for (si, sub) in sub_stats.iter().enumerate() {
@@ -1386,6 +1859,8 @@ fn real_main() -> Result<()> {
     let report = Report {
         host: args.host.clone(),
         port: args.port,
+        tls: tls.is_some(),
+        tls_cipher_suite,
         qos: args.qos,
         size: args.size,
         publishers: args.publishers,
@@ -1455,6 +1930,134 @@ mod tests {
         thread::sleep(Duration::from_millis(35));
         let samples = s.finish();
         assert!(samples.len() >= 3, "{samples:?}");
+        Ok(())
+    }
+
+    /// A file in the temporary directory, named after the test and the process.
+    fn temp_file(name: &str, body: &[u8]) -> Result<PathBuf> {
+        let p = std::env::temp_dir().join(format!("mqtt-load-{}-{name}", std::process::id()));
+        std::fs::write(&p, body)?;
+        Ok(p)
+    }
+
+    fn tls_error(ca: &Path) -> String {
+        match Tls::new(ca, "localhost") {
+            Ok(_) => format!("{} accepted", ca.display()),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn tls_ca_failures_name_the_file() -> Result<()> {
+        let e = tls_error(Path::new("/nonexistent/dir/missing-ca.pem"));
+        assert!(
+            e.contains("--tls-ca /nonexistent/dir/missing-ca.pem"),
+            "{e}"
+        );
+        let garbage = temp_file("garbage-ca.pem", b"not pem at all")?;
+        let e = tls_error(&garbage);
+        std::fs::remove_file(&garbage)?;
+        assert!(
+            e.contains("garbage-ca.pem") && e.contains("no CERTIFICATE"),
+            "{e}"
+        );
+        assert!(Tls::new(&garbage, "").is_err());
+        Ok(())
+    }
+
+    /// A TLS server on a loopback port for one connection: it answers `hello` with `world!`,
+    /// then waits for `go` to end the connection with a close_notify.
+    fn tls_server(
+        ck: &rcgen::CertifiedKey,
+    ) -> Result<(
+        u16,
+        std::sync::mpsc::Sender<()>,
+        thread::JoinHandle<Result<()>>,
+    )> {
+        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![ck.cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der())),
+        )?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let (go, wait) = std::sync::mpsc::channel();
+        let server = thread::spawn(move || -> Result<()> {
+            let (sock, _) = listener.accept()?;
+            let conn = rustls::ServerConnection::new(Arc::new(config))?;
+            let mut s = StreamOwned::new(conn, sock);
+            let mut hello = [0u8; 5];
+            s.read_exact(&mut hello)?;
+            ensure!(&hello == b"hello", "server got {hello:?}");
+            s.write_all(b"world!")?;
+            s.flush()?;
+            let _ = wait.recv();
+            s.conn.send_close_notify();
+            s.flush()?;
+            Ok(())
+        });
+        Ok((port, go, server))
+    }
+
+    #[test]
+    fn tls_fixed_rate_stream_polls_like_a_socket() -> Result<()> {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()])?;
+        let ca = temp_file("ca.pem", ck.cert.pem().as_bytes())?;
+        let tls = Tls::new(&ca, "localhost");
+        std::fs::remove_file(&ca)?;
+        let tls = tls?;
+        let (port, go, server) = tls_server(&ck)?;
+        let sock = TcpStream::connect(("127.0.0.1", port))?;
+        let mut w = TlsWriter::new(tls.handshake_blocking(sock)?);
+        let mut r = w.acks()?;
+        w.write_all(b"hello")?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while got.len() < 6 && Instant::now() < deadline {
+            if let Some(n) = read_or_poll(&mut r, &mut buf)? {
+                ensure!(n > 0, "early end of stream");
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+        assert_eq!(got, b"world!");
+        // Nothing to read: the read times out after POLL, as a plain socket's.
+        let t = Instant::now();
+        assert_eq!(read_or_poll(&mut r, &mut buf)?, None);
+        assert!(t.elapsed() >= POLL / 2, "{:?}", t.elapsed());
+        // The server's close_notify ends the stream.
+        go.send(())?;
+        let end = loop {
+            if let Some(n) = read_or_poll(&mut r, &mut buf)? {
+                break n;
+            }
+            ensure!(Instant::now() < deadline, "no end of stream");
+        };
+        assert_eq!(end, 0);
+        w.close_write();
+        server
+            .join()
+            .map_err(|_| anyhow::anyhow!("server panicked"))??;
+        Ok(())
+    }
+
+    #[test]
+    fn tls_checks_the_server_name() -> Result<()> {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()])?;
+        let ca = temp_file("ca-name.pem", ck.cert.pem().as_bytes())?;
+        let tls = Tls::new(&ca, "broker.example");
+        std::fs::remove_file(&ca)?;
+        let (port, _go, _server) = tls_server(&ck)?;
+        let sock = TcpStream::connect(("127.0.0.1", port))?;
+        match tls?.handshake_blocking(sock) {
+            Ok(_) => bail!("a certificate for localhost accepted for broker.example"),
+            Err(e) => assert!(format!("{e:#}").contains("certificate"), "{e:#}"),
+        }
         Ok(())
     }
 
