@@ -121,7 +121,7 @@ pub use link::{Inbound, Outbound, Qos};
 pub use metrics::MetricsSnapshot;
 pub use nodelay::Mechanism as NodelayMechanism;
 pub use settings::{BrokerLimits, BrokerSettings, TlsSettings};
-pub use tls::{RELOAD_CHECK as TLS_RELOAD_CHECK, Reload, pem_certificates};
+pub use tls::{RELOAD_CHECK as TLS_RELOAD_CHECK, Reload, certificate_cn, pem_certificates};
 
 use crate::codec::Version;
 use crate::internal::{Endpoints, InternalAuth, InternalConfig, ProbeIds, RouterHandle};

@@ -240,6 +240,16 @@ pub(crate) fn principal(cert: &CertificateDer<'_>) -> Result<String, &'static st
     Ok(cn.to_string())
 }
 
+/// The CN of the first certificate in the PEM file `path`: the principal a node that
+/// requires client certificates takes a client presenting it for.
+pub fn certificate_cn(path: &Path) -> Result<String, BrokerError> {
+    let certs = pem_certificates(path)?;
+    let first = certs
+        .first()
+        .ok_or_else(|| err(path, "no CERTIFICATE block found".into()))?;
+    principal(first).map_err(|why| err(path, why.to_string()))
+}
+
 /// A TLS acceptor for the pair (for tests).
 #[cfg(test)]
 fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, BrokerError> {

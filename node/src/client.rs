@@ -58,6 +58,8 @@ pub struct ConnectOpts {
     pub client_id: String,
     /// Connect over TLS, trusting the CA certificate(s) in this PEM file.
     pub tls_ca: Option<std::path::PathBuf>,
+    /// With `tls_ca`: a client certificate and its key (PEM files).
+    pub tls_client: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl fmt::Debug for ConnectOpts {
@@ -69,6 +71,7 @@ impl fmt::Debug for ConnectOpts {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("client_id", &self.client_id)
             .field("tls_ca", &self.tls_ca)
+            .field("tls_client", &self.tls_client)
             .finish()
     }
 }
@@ -96,8 +99,12 @@ impl ConnectOpts {
             o.set_credentials(user.clone(), self.password.clone().unwrap_or_default());
         }
         if let Some(ca) = &self.tls_ca {
+            let client = self
+                .tls_client
+                .as_ref()
+                .map(|(c, k)| (c.as_path(), k.as_path()));
             o.set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(Arc::new(tls_client_config(ca)?)),
+                rumqttc::TlsConfiguration::Rustls(Arc::new(tls_client_config(ca, client)?)),
             ));
         }
         Ok(o)
@@ -109,9 +116,15 @@ impl ConnectOpts {
 }
 
 /// A TLS client configuration trusting the CA certificates in the PEM file `ca` (ring, as
-/// the node's own TLS listener).
-fn tls_client_config(ca: &std::path::Path) -> anyhow::Result<tokio_rustls::rustls::ClientConfig> {
-    use tokio_rustls::rustls::{self, RootCertStore};
+/// the node's own TLS listener), presenting the client certificate and key in `client`.
+fn tls_client_config(
+    ca: &std::path::Path,
+    client: Option<(&std::path::Path, &std::path::Path)>,
+) -> anyhow::Result<tokio_rustls::rustls::ClientConfig> {
+    use tokio_rustls::rustls::{
+        self, RootCertStore,
+        pki_types::{PrivateKeyDer, pem::PemObject},
+    };
     let mut roots = RootCertStore::empty();
     let certs = fedmesh_broker::pem_certificates(ca)
         .with_context(|| format!("--tls-ca {}", ca.display()))?;
@@ -120,13 +133,31 @@ fn tls_client_config(ca: &std::path::Path) -> anyhow::Result<tokio_rustls::rustl
             .add(c)
             .with_context(|| format!("--tls-ca {}", ca.display()))?;
     }
-    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .context("TLS protocol versions")?
-    .with_root_certificates(roots)
-    .with_no_client_auth())
+    .with_root_certificates(roots);
+    let Some((cert, key)) = client else {
+        return Ok(builder.with_no_client_auth());
+    };
+    let chain = fedmesh_broker::pem_certificates(cert)
+        .with_context(|| format!("--tls-cert {}", cert.display()))?;
+    let key_der = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("--tls-key {}: no usable PEM private key", key.display()))?;
+    builder
+        .with_client_auth_cert(chain, key_der)
+        .with_context(|| format!("--tls-key {}: does not fit --tls-cert", key.display()))
+}
+
+/// What to do about a connection error a user can fix, if it is one.
+fn hint(e: &rumqttc::ConnectionError) -> &'static str {
+    if e.to_string().contains("CertificateRequired") {
+        " (the node requires a client certificate: pass --tls-cert and --tls-key)"
+    } else {
+        ""
+    }
 }
 
 /// Options of `fedmesh agent exec`.
@@ -193,15 +224,16 @@ fn now_ms() -> u64 {
 
 /// Errors after which reconnecting is pointless.
 fn is_fatal(e: &ConnectionError) -> bool {
-    matches!(
-        e,
-        ConnectionError::ConnectionRefused(
-            ConnectReturnCode::BadUserNamePassword
-                | ConnectReturnCode::NotAuthorized
-                | ConnectReturnCode::BadClientId
-                | ConnectReturnCode::RefusedProtocolVersion
+    !hint(e).is_empty()
+        || matches!(
+            e,
+            ConnectionError::ConnectionRefused(
+                ConnectReturnCode::BadUserNamePassword
+                    | ConnectReturnCode::NotAuthorized
+                    | ConnectReturnCode::BadClientId
+                    | ConnectReturnCode::RefusedProtocolVersion
+            )
         )
-    )
 }
 
 /// Doubling reconnect delay.
@@ -610,7 +642,7 @@ pub async fn agent_exec(opts: ExecOpts) -> anyhow::Result<()> {
                 Err(e) => {
                     connected = false;
                     if is_fatal(&e) {
-                        bail!("connecting to {} as {principal}: {e}", opts.connect.addr());
+                        bail!("connecting to {} as {principal}: {e}{}", opts.connect.addr(), hint(&e));
                     }
                     let delay = backoff.next();
                     tracing::warn!(error = %e, retry_in_s = delay.as_secs(), "connection lost");
@@ -886,7 +918,11 @@ pub async fn task_submit(opts: SubmitOpts) -> anyhow::Result<TaskOutcome> {
             Ok(_) => {}
             Err(e) => {
                 if is_fatal(&e) || !connected_once {
-                    bail!("connecting to {} as {principal}: {e}", opts.connect.addr());
+                    bail!(
+                        "connecting to {} as {principal}: {e}{}",
+                        opts.connect.addr(),
+                        hint(&e)
+                    );
                 }
                 eprintln!("connection lost ({e}); reconnecting");
                 tokio::select! {
@@ -1013,6 +1049,7 @@ mod tests {
                 password: None,
                 client_id: "c".into(),
                 tls_ca: None,
+                tls_client: None,
             },
             description: "d".into(),
             input: Some(vec![0, 1, 2]),
@@ -1052,11 +1089,17 @@ mod tests {
     fn tls_ca_errors_name_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let missing = dir.path().join("missing.pem");
-        let e = format!("{:#}", tls_client_config(&missing).expect_err("missing"));
+        let e = format!(
+            "{:#}",
+            tls_client_config(&missing, None).expect_err("missing")
+        );
         assert!(e.contains("--tls-ca") && e.contains("missing.pem"), "{e}");
         let garbage = dir.path().join("garbage.pem");
         std::fs::write(&garbage, "not a certificate").expect("write");
-        let e = format!("{:#}", tls_client_config(&garbage).expect_err("garbage"));
+        let e = format!(
+            "{:#}",
+            tls_client_config(&garbage, None).expect_err("garbage")
+        );
         assert!(
             e.contains("garbage.pem") && e.contains("no CERTIFICATE"),
             "{e}"
@@ -1072,6 +1115,7 @@ mod tests {
             password: Some("secret".into()),
             client_id: "c-1".into(),
             tls_ca: None,
+            tls_client: None,
         };
         assert_eq!(c.principal(), "c-1");
         assert!(!format!("{c:?}").contains("secret"));

@@ -117,6 +117,13 @@ struct MqttArgs {
     /// PEM file. The port then defaults to the config's mqtt.listen_tls port, else 8883.
     #[arg(long, env = "FEDMESH_TLS_CA")]
     tls_ca: Option<PathBuf>,
+    /// With --tls-ca: log in with this client certificate (PEM), for a node that requires
+    /// them (mqtt.tls_client_ca). Its CN is the principal: no --username or --password.
+    #[arg(long, env = "FEDMESH_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "FEDMESH_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 // Parsed once per process: the size of its largest variant does not matter.
@@ -279,10 +286,24 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn connect_opts(
     cfg: &Config,
-    mqtt: MqttArgs,
+    mut mqtt: MqttArgs,
     name: Option<String>,
     fallback: &str,
-) -> client::ConnectOpts {
+) -> anyhow::Result<client::ConnectOpts> {
+    let tls_client = mqtt.tls_cert.take().zip(mqtt.tls_key.take());
+    if let Some((cert, _)) = &tls_client {
+        // The node takes the certificate's CN as the principal; sent as the user name too
+        // (it must then equal the CN), it names the agent's topics.
+        let cn = fedmesh_broker::certificate_cn(cert)
+            .with_context(|| format!("--tls-cert {}", cert.display()))?;
+        if mqtt.username.as_ref().is_some_and(|u| *u != cn) {
+            anyhow::bail!(
+                "--username {:?} differs from the client certificate's CN {cn:?}; leave it out",
+                mqtt.username.unwrap_or_default()
+            );
+        }
+        mqtt.username = Some(cn);
+    }
     let port = mqtt.port.unwrap_or_else(|| {
         if mqtt.tls_ca.is_some() {
             cfg.mqtt.listen_tls_addr().map_or(8883, |a| a.port())
@@ -293,14 +314,15 @@ fn connect_opts(
     let client_id = name
         .or_else(|| mqtt.username.clone())
         .unwrap_or_else(|| fallback.to_string());
-    client::ConnectOpts {
+    Ok(client::ConnectOpts {
         host: mqtt.host,
         port,
         username: mqtt.username,
         password: mqtt.password,
         client_id,
         tls_ca: mqtt.tls_ca,
-    }
+        tls_client,
+    })
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -402,7 +424,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 (None, None) => None,
             };
-            let connect = connect_opts(&cfg, mqtt, name, &format!("cli-{}", std::process::id()));
+            let connect = connect_opts(&cfg, mqtt, name, &format!("cli-{}", std::process::id()))?;
             let outcome = runtime()?.block_on(client::task_submit(client::SubmitOpts {
                 connect,
                 description,
@@ -512,7 +534,7 @@ fn agent_command(config: Option<&Path>, command: AgentCommand) -> anyhow::Result
             command,
         } => {
             init_tracing("info");
-            let connect = connect_opts(&cfg, mqtt, name, &format!("exec-{}", std::process::id()));
+            let connect = connect_opts(&cfg, mqtt, name, &format!("exec-{}", std::process::id()))?;
             runtime()?.block_on(client::agent_exec(client::ExecOpts {
                 connect,
                 describe,

@@ -240,23 +240,18 @@ fn a_key_that_does_not_fit_the_certificate_stops_run_naming_the_file() {
     );
 }
 
-/// The CLI's clients over TLS (`--tls-ca`): an agent (`fedmesh agent exec`) and a requester
-/// (`fedmesh task submit`) both on the TLS listener complete a task; a requester that does
-/// not trust the node's certificate fails with an error that says so.
-#[test]
-fn cli_agent_and_requester_over_tls() {
-    let c = certs();
-    let stranger = certs();
-    let tls = free_port();
-    let node = TestNode::start_with(tls_env(tls, &c)).expect("node");
-    let port = tls.to_string();
-    let ca = c.cert.display().to_string();
-    let tls_args = ["--host", "localhost", "--port", &port, "--tls-ca", &ca];
+/// Runs `fedmesh agent exec --name shouter ... -- tr a-z A-Z` with `agent_args`, waits for
+/// the agent to join, and returns what `fedmesh task submit` with `submit_args` printed.
+fn shouter_round_trip(
+    node: &TestNode,
+    agent_args: &[&str],
+    submit_args: &[&str],
+) -> std::process::Output {
     let mut agent = node
         .cli()
         .args(["agent", "exec", "--name", "shouter"])
         .args(["--describe", "Converts text to upper case"])
-        .args(tls_args)
+        .args(agent_args)
         .args(["--", "tr", "a-z", "A-Z"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -271,15 +266,7 @@ fn cli_agent_and_requester_over_tls() {
             })
         })
     });
-    let submit = |args: &[&str]| {
-        node.cli()
-            .args(["task", "submit", "make this text upper case"])
-            .args(["--input", "hello tls", "--deadline-s", "20"])
-            .args(args)
-            .output()
-            .expect("submit")
-    };
-    let out = submit(&tls_args);
+    let out = submit(node, submit_args);
     let _ = agent.kill();
     let _ = agent.wait();
     assert!(
@@ -288,13 +275,89 @@ fn cli_agent_and_requester_over_tls() {
         String::from_utf8_lossy(&out.stderr),
         node.log()
     );
+    out
+}
+
+fn submit(node: &TestNode, args: &[&str]) -> std::process::Output {
+    node.cli()
+        .args(["task", "submit", "make this text upper case"])
+        .args(["--input", "hello tls", "--deadline-s", "20"])
+        .args(args)
+        .output()
+        .expect("submit")
+}
+
+/// The CLI's clients over TLS (`--tls-ca`): an agent (`fedmesh agent exec`) and a requester
+/// (`fedmesh task submit`) both on the TLS listener complete a task; a requester that does
+/// not trust the node's certificate fails with an error that says so.
+#[test]
+fn cli_agent_and_requester_over_tls() {
+    let c = certs();
+    let stranger = certs();
+    let tls = free_port();
+    let node = TestNode::start_with(tls_env(tls, &c)).expect("node");
+    let port = tls.to_string();
+    let ca = c.cert.display().to_string();
+    let tls_args = ["--host", "localhost", "--port", &port, "--tls-ca", &ca];
+    let out = shouter_round_trip(&node, &tls_args, &tls_args);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "HELLO TLS");
 
     let wrong = stranger.cert.display().to_string();
-    let out = submit(&["--host", "localhost", "--port", &port, "--tls-ca", &wrong]);
+    let out = submit(
+        &node,
+        &["--host", "localhost", "--port", &port, "--tls-ca", &wrong],
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
     assert!(err.contains("certificate"), "{err}");
+}
+
+/// The CLI with client certificates (`--tls-cert`, `--tls-key`) on a node that requires them:
+/// the agent and the requester log in as their certificates' CNs, with no password; a
+/// `--username` that is not the CN is refused before connecting, and a requester without a
+/// certificate cannot connect.
+#[test]
+fn cli_agent_and_requester_with_client_certificates() {
+    let server = certs();
+    let pki = client_pki(&["shouter", "req1"]);
+    let tls = free_port();
+    let mut env = tls_env(tls, &server);
+    env.push((
+        "FEDMESH_MQTT__TLS_CLIENT_CA".into(),
+        pki.ca.display().to_string(),
+    ));
+    let node = TestNode::start_with(env).expect("node");
+    let port = tls.to_string();
+    let ca = server.cert.display().to_string();
+    let base = ["--host", "localhost", "--port", &port, "--tls-ca", &ca];
+    let args = |i: usize| {
+        let (_, c, k) = &pki.clients[i];
+        let mut a: Vec<String> = base.iter().map(|s| s.to_string()).collect();
+        a.extend([
+            "--tls-cert".into(),
+            c.display().to_string(),
+            "--tls-key".into(),
+            k.display().to_string(),
+        ]);
+        a
+    };
+    let (agent, requester) = (args(0), args(1));
+    let agent: Vec<&str> = agent.iter().map(String::as_str).collect();
+    let requester: Vec<&str> = requester.iter().map(String::as_str).collect();
+    let out = shouter_round_trip(&node, &agent, &requester);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "HELLO TLS");
+
+    let mut wrong_user = requester.clone();
+    wrong_user.extend(["--username", "bob"]);
+    let out = submit(&node, &wrong_user);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("\"bob\"") && err.contains("\"req1\""), "{err}");
+
+    let out = submit(&node, &base);
+    assert!(!out.status.success(), "connected without a certificate");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("requires a client certificate"), "{err}");
 }
 
 /// Certificate rotation: the files are replaced and the node gets SIGHUP. The next handshake
