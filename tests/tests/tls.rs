@@ -320,13 +320,7 @@ fn cli_agent_and_requester_over_tls() {
 fn cli_agent_and_requester_with_client_certificates() {
     let server = certs();
     let pki = client_pki(&["shouter", "req1"]);
-    let tls = free_port();
-    let mut env = tls_env(tls, &server);
-    env.push((
-        "FEDMESH_MQTT__TLS_CLIENT_CA".into(),
-        pki.ca.display().to_string(),
-    ));
-    let node = TestNode::start_with(env).expect("node");
+    let (node, tls) = mtls_node(&server, &pki);
     let port = tls.to_string();
     let ca = server.cert.display().to_string();
     let base = ["--host", "localhost", "--port", &port, "--tls-ca", &ca];
@@ -474,6 +468,17 @@ fn client_pki(cns: &[&str]) -> ClientPki {
     }
 }
 
+/// A node whose TLS listener serves `server` and requires certificates from `pki`'s CA.
+fn mtls_node(server: &Certs, pki: &ClientPki) -> (TestNode, u16) {
+    let tls = free_port();
+    let mut env = tls_env(tls, server);
+    env.push((
+        "FEDMESH_MQTT__TLS_CLIENT_CA".into(),
+        pki.ca.display().to_string(),
+    ));
+    (TestNode::start_with(env).expect("node"), tls)
+}
+
 /// Mutual TLS (`mqtt.tls_client_ca`): a client certificate issued by the CA logs the client
 /// in as its CN, with no password: it may use that principal's API topics, which its client
 /// id alone would not allow. No certificate, a certificate from another CA, a user name that
@@ -484,13 +489,7 @@ fn client_certificates_name_the_principal_and_everything_else_is_refused() {
     let server = certs();
     let pki = client_pki(&["alice", "not a name!"]);
     let stranger = client_pki(&["alice"]);
-    let tls = free_port();
-    let mut env = tls_env(tls, &server);
-    env.push((
-        "FEDMESH_MQTT__TLS_CLIENT_CA".into(),
-        pki.ca.display().to_string(),
-    ));
-    let node = TestNode::start_with(env).expect("node");
+    let (node, tls) = mtls_node(&server, &pki);
     node.wait_status("the TLS listener is up", Duration::from_secs(10), |s| {
         !s["mqtt"]["tls"].is_null()
     });
