@@ -12,6 +12,7 @@ mod metrics;
 mod node;
 mod p2p;
 mod store;
+mod tlsgen;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -75,6 +76,12 @@ enum Command {
         #[command(subcommand)]
         command: TaskCommand,
     },
+    /// Certificates for MQTT over TLS: a private CA, the listener's certificate, and client
+    /// certificates for mutual TLS.
+    Tls {
+        #[command(subcommand)]
+        command: TlsCommand,
+    },
     /// Inspect the tamper-evident audit log (of a running node through its HTTP server).
     Audit {
         #[command(subcommand)]
@@ -85,6 +92,38 @@ enum Command {
     Bench {
         #[command(subcommand)]
         command: bench::BenchCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TlsCommand {
+    /// Create a private CA (tls/ca.pem, tls/ca.key) and the listener's certificate and key at
+    /// mqtt.tls_cert / mqtt.tls_key, for localhost, 127.0.0.1, ::1 and every --name. Clients
+    /// trust tls/ca.pem (--tls-ca, mosquitto's --cafile). A running node picks the new files up
+    /// within 10 s.
+    Init {
+        /// A host name or IP address clients connect to (repeatable).
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// Days the certificates are valid.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        /// Replace existing files (clients must then trust the new CA).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a client certificate whose CN is NAME, signed by the CA of `tls init`, as
+    /// tls/clients/NAME.pem and NAME.key. A node with mqtt.tls_client_ca = "tls/ca.pem" takes
+    /// its holder for principal NAME.
+    Issue {
+        /// The principal (agent name).
+        name: String,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        /// Replace an existing certificate of that name.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -396,6 +435,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent { command } => agent_command(cli.config.as_deref(), command),
+        Command::Tls { command } => {
+            let cfg = load_config(cli.config.as_deref())?;
+            let (cert, key) = cfg.tls_paths();
+            match command {
+                TlsCommand::Init { names, days, force } => {
+                    let out = tlsgen::init(&cert, &key, &names, days, force)?;
+                    println!("{}", out.ca.display());
+                    eprintln!(
+                        "CA {} (clients trust it: --tls-ca, --cafile); certificate {} and key {} for {}",
+                        out.ca.display(),
+                        out.cert.display(),
+                        out.key.display(),
+                        out.names.join(", ")
+                    );
+                }
+                TlsCommand::Issue { name, days, force } => {
+                    let dir = cert.parent().unwrap_or(Path::new(".")).join("clients");
+                    let (c, k) = tlsgen::issue(&cert, &dir, &name, days, force)?;
+                    println!("{}\n{}", c.display(), k.display());
+                    eprintln!(
+                        "client certificate for {name}: --tls-cert {} --tls-key {} (the node needs mqtt.tls_client_ca = the CA of `tls init`)",
+                        c.display(),
+                        k.display()
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Task {
             command:
                 TaskCommand::Submit {

@@ -579,3 +579,77 @@ fn client_certificates_name_the_principal_and_everything_else_is_refused() {
         .expect("mosquitto_pub");
     assert!(out.status.success());
 }
+
+/// `fedmesh tls init` and `fedmesh tls issue` are all the set-up mutual TLS needs: a node
+/// started on the files `tls init` wrote, with `mqtt.tls_client_ca = "tls/ca.pem"`, serves
+/// Debian's mosquitto clients (OpenSSL) that trust `tls/ca.pem` and present a certificate from
+/// `tls issue`, and the CLI's agent and requester with theirs.
+#[test]
+fn tls_init_and_issue_set_up_mutual_tls() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let fedmesh = |args: &[&str]| {
+        let out = Command::new(fedmesh_bin())
+            .args(args)
+            .env("FEDMESH_DATA_DIR", data.path())
+            .output()
+            .expect("fedmesh");
+        assert!(
+            out.status.success(),
+            "fedmesh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let ca = fedmesh(&["tls", "init", "--name", "node0.example"]);
+    let ca = ca.trim().to_string();
+    assert_eq!(ca, data.path().join("tls/ca.pem").display().to_string());
+    for name in ["shouter", "req1", "sub1"] {
+        fedmesh(&["tls", "issue", name]);
+    }
+    let clients = data.path().join("tls/clients");
+
+    let tls = free_port();
+    let node = TestNode::start_with(vec![
+        ("FEDMESH_DATA_DIR".into(), data.path().display().to_string()),
+        (
+            "FEDMESH_MQTT__LISTEN_TLS".into(),
+            format!("127.0.0.1:{tls}"),
+        ),
+        ("FEDMESH_MQTT__TLS_CLIENT_CA".into(), "tls/ca.pem".into()),
+    ])
+    .expect("node");
+    let port = tls.to_string();
+    let cli_args = |name: &str| -> Vec<String> {
+        ["--host", "localhost", "--port", &port, "--tls-ca", &ca]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([
+                "--tls-cert".into(),
+                clients.join(format!("{name}.pem")).display().to_string(),
+                "--tls-key".into(),
+                clients.join(format!("{name}.key")).display().to_string(),
+            ])
+            .collect()
+    };
+    let (agent, requester) = (cli_args("shouter"), cli_args("req1"));
+    let agent: Vec<&str> = agent.iter().map(String::as_str).collect();
+    let requester: Vec<&str> = requester.iter().map(String::as_str).collect();
+    let out = shouter_round_trip(&node, &agent, &requester);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "HELLO TLS");
+
+    // OpenSSL clients accept the chain and the client certificate.
+    let s = Command::new("mosquitto_sub")
+        .args(["-h", "localhost", "-p", &port, "-t", "init/t", "-C", "1"])
+        .args(["-W", "20", "--cafile", &ca, "--cert"])
+        .arg(clients.join("sub1.pem"))
+        .arg("--key")
+        .arg(clients.join("sub1.key"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub");
+    assert_eq!(
+        pub_until_received(node.mqtt_v4, "mqttv311", "init/t", "ok", None, s),
+        "ok"
+    );
+}
