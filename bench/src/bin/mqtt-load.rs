@@ -157,7 +157,7 @@ struct Args {
     #[arg(long)]
     rss_pid: Option<u32>,
     /// Print on stderr (at most 1,000 lines) every message whose latency from the actual
-    /// write exceeds this many µs, with its send time: to see whether outliers are periodic.
+    /// write exceeds this many µs, with its send time (since the start, and in CLOCK_MONOTONIC seconds for `perf sched record -k CLOCK_MONOTONIC`): to see whether outliers are periodic.
     #[arg(long)]
     slow_us: Option<u64>,
     /// Interval of the RSS samples.
@@ -737,6 +737,21 @@ impl Seen {
 /// `--slow-us` threshold in ns (0 = off) and lines printed so far.
 static SLOW_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static SLOW_PRINTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// The clock's origin in CLOCK_MONOTONIC ns, the clock `perf sched record -k CLOCK_MONOTONIC`
+/// stamps events with, so a slow message can be found in a trace (0: unknown).
+static ORIGIN_MONO_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// `Instant` as CLOCK_MONOTONIC ns, read from its Debug form (on Linux `Instant { tv_sec: S,
+/// tv_nsec: N }`, which std does not otherwise expose); `None` in any other form.
+fn monotonic_ns(i: Instant) -> Option<u64> {
+    let s = format!("{i:?}");
+    let field = |name: &str| -> Option<u64> {
+        let rest = &s[s.find(name)? + name.len()..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    };
+    Some(field("tv_sec: ")? * 1_000_000_000 + field("tv_nsec: ")?)
+}
 
 fn log_slow(st: &Stamp, now_ns: u64) {
     use std::sync::atomic::Ordering::Relaxed;
@@ -745,10 +760,16 @@ fn log_slow(st: &Stamp, now_ns: u64) {
     if threshold == 0 || written <= threshold || SLOW_PRINTED.fetch_add(1, Relaxed) >= 1000 {
         return;
     }
+    let origin = ORIGIN_MONO_NS.load(Relaxed);
     eprintln!(
-        "slow seq={} written_at_ms={:.3} latency_us={} from_schedule_us={}",
+        "slow seq={} written_at_ms={:.3} monotonic_s={:.6} latency_us={} from_schedule_us={}",
         st.seq,
         st.written_ns as f64 / 1e6,
+        if origin == 0 {
+            0.0
+        } else {
+            (origin + st.written_ns) as f64 / 1e9
+        },
         written / 1000,
         now_ns.saturating_sub(st.sent_ns) / 1000
     );
@@ -1791,6 +1812,9 @@ fn real_main() -> Result<()> {
         None => None,
     };
     let clock = Clock(Instant::now());
+    if let Some(ns) = monotonic_ns(clock.0) {
+        ORIGIN_MONO_NS.store(ns, std::sync::atomic::Ordering::Relaxed);
+    }
     let shared = Arc::new(Shared::default());
     let args = Arc::new(args);
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -1909,6 +1933,20 @@ fn real_main() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn instant_reads_as_clock_monotonic() {
+        let ns = super::monotonic_ns(std::time::Instant::now()).expect("Linux Instant");
+        let up = std::fs::read_to_string("/proc/uptime").expect("uptime");
+        let up: f64 = up
+            .split(' ')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .expect("uptime seconds");
+        // CLOCK_MONOTONIC excludes suspend, uptime includes it: never ahead of uptime.
+        assert!(ns as f64 / 1e9 <= up + 1.0 && ns > 0, "{ns} vs {up}");
+    }
+
     use super::*;
 
     #[test]
