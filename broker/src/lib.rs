@@ -494,6 +494,12 @@ impl Broker {
         self.local_tls
     }
 
+    /// When the TLS listener's certificate expires, Unix seconds (`None` without a TLS
+    /// listener, or if its validity cannot be read).
+    pub fn tls_cert_not_after(&self) -> Option<i64> {
+        self.tls.as_ref().and_then(|r| r.not_after())
+    }
+
     /// Loads the TLS listener's certificate and key files again now, whether or not they
     /// look changed (the node calls it on SIGHUP); logged and counted like the periodic
     /// check. `None` without a TLS listener. Reads two files: call it off the async workers.

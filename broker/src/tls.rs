@@ -18,6 +18,7 @@
 //! negotiated.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -37,6 +38,8 @@ use crate::metrics::Metrics;
 
 /// How often the broker looks at the certificate and key files for a change.
 pub const RELOAD_CHECK: Duration = Duration::from_secs(10);
+/// A certificate that expires sooner than this is warned about at load and once a day.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
 
 fn err(path: &Path, reason: String) -> BrokerError {
     BrokerError::Tls {
@@ -100,6 +103,8 @@ pub(crate) struct CertReloader {
     /// The files' version last tried, loaded or not: a broken pair is reported once, not
     /// at every check.
     tried: Mutex<Version>,
+    /// When the served leaf certificate expires, Unix seconds (0: unknown).
+    not_after: AtomicI64,
 }
 
 impl CertReloader {
@@ -108,13 +113,37 @@ impl CertReloader {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tried = version(cert, key);
         let ck = load(cert, key, &provider)?;
-        Ok(Arc::new(CertReloader {
+        let r = Arc::new(CertReloader {
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
             provider,
+            not_after: AtomicI64::new(leaf_not_after(&ck)),
             current: RwLock::new(Arc::new(ck)),
             tried: Mutex::new(tried),
-        }))
+        });
+        r.warn_if_expiring();
+        Ok(r)
+    }
+
+    /// When the served certificate expires, Unix seconds (`None`: unknown).
+    pub(crate) fn not_after(&self) -> Option<i64> {
+        Some(self.not_after.load(Ordering::Relaxed)).filter(|t| *t != 0)
+    }
+
+    /// Logs a warning if the served certificate expires within [`EXPIRY_WARNING`] (or has).
+    pub(crate) fn warn_if_expiring(&self) {
+        let Some(not_after) = self.not_after() else {
+            return;
+        };
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let left = not_after.saturating_sub(now);
+        if left < 0 {
+            warn!(cert = %self.cert.display(), expired_s_ago = -left, "the TLS certificate has expired; clients will refuse it");
+        } else if left < EXPIRY_WARNING.as_secs() as i64 {
+            warn!(cert = %self.cert.display(), days_left = left / 86_400, "the TLS certificate expires soon; replace the file (it is reloaded within 10 s)");
+        }
     }
 
     /// Loads the files again if they changed since the last attempt (`force`: in any case).
@@ -129,6 +158,7 @@ impl CertReloader {
         }
         match load(&self.cert, &self.key, &self.provider) {
             Ok(ck) => {
+                self.not_after.store(leaf_not_after(&ck), Ordering::Relaxed);
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(ck);
                 Reload::Reloaded
             }
@@ -144,6 +174,7 @@ impl CertReloader {
             Reload::Reloaded => {
                 Metrics::inc(&metrics.tls_reloads);
                 info!(cert = %self.cert.display(), "TLS certificate reloaded");
+                self.warn_if_expiring();
             }
             Reload::Failed(e) => {
                 Metrics::inc(&metrics.tls_reload_failures);
@@ -209,6 +240,8 @@ pub(crate) async fn watch_files(
     let mut tick = tokio::time::interval(RELOAD_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    let per_day = (24 * 3600 / RELOAD_CHECK.as_secs()).max(1);
+    let mut ticks = 0u64;
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -216,10 +249,22 @@ pub(crate) async fn watch_files(
                 let m = metrics.clone();
                 // Reading two small files: off the runtime's workers all the same.
                 let _ = tokio::task::spawn_blocking(move || r.reload_logged(false, &m)).await;
+                ticks += 1;
+                if ticks.is_multiple_of(per_day) {
+                    reloader.warn_if_expiring();
+                }
             }
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// When the leaf certificate of `ck` expires, Unix seconds (0 if it cannot be read).
+fn leaf_not_after(ck: &CertifiedKey) -> i64 {
+    ck.cert
+        .first()
+        .and_then(|c| x509_parser::parse_x509_certificate(c.as_ref()).ok())
+        .map_or(0, |(_, p)| p.validity().not_after.timestamp())
 }
 
 /// The principal a verified client certificate names: its subject's common name (CN). The
@@ -338,6 +383,8 @@ mod tests {
         let key = write(dir.path(), "key.pem", &a.key_pair.serialize_pem());
         let r = CertReloader::new(&cert, &key).unwrap();
         let served = |r: &CertReloader| r.current().cert[0].as_ref().to_vec();
+        // rcgen's default validity ends in 4096.
+        assert_eq!(r.not_after(), Some(67_090_118_400));
         assert_eq!(served(&r), a.cert.der().to_vec());
         assert!(matches!(r.reload(false), Reload::Unchanged));
 

@@ -58,6 +58,8 @@ pub struct Metrics {
     pub broker: Family<Kind, Gauge<u64, AtomicU64>>,
     /// 1 when the broker's watchdog reports healthy.
     pub broker_healthy: Gauge,
+    /// When the MQTT TLS listener's certificate expires (Unix seconds; absent without TLS).
+    pub tls_cert_expiry: Gauge,
     /// Federation messages rejected or ignored, by forwarding peer and reason.
     pub p2p_rejected: Family<PeerReason, Counter>,
     /// Peers seen in `p2p_rejected` labels.
@@ -87,6 +89,7 @@ impl Metrics {
             queue_dropped: Family::default(),
             broker: Family::default(),
             broker_healthy: Gauge::default(),
+            tls_cert_expiry: Gauge::default(),
             p2p_rejected: Family::default(),
             rejected_peers: Default::default(),
             p2p_in: Family::default(),
@@ -136,6 +139,11 @@ impl Metrics {
             "broker_healthy",
             "1 when the broker watchdog reports healthy",
             m.broker_healthy.clone(),
+        );
+        r.register(
+            "tls_cert_expiry_timestamp_seconds",
+            "When the MQTT TLS listener's certificate expires, Unix seconds (0 without TLS)",
+            m.tls_cert_expiry.clone(),
         );
         r.register(
             "p2p_rejected",

@@ -169,6 +169,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 scrape_broker.health(),
                 fedmesh_broker::Health::Healthy
             )));
+            scrape_metrics
+                .tls_cert_expiry
+                .set(scrape_broker.tls_cert_not_after().unwrap_or(0));
         }),
     });
     let http_addr = match cfg.http.listen_addr() {

@@ -600,7 +600,7 @@ fn tls_init_and_issue_set_up_mutual_tls() {
         );
         String::from_utf8_lossy(&out.stdout).to_string()
     };
-    let ca = fedmesh(&["tls", "init", "--name", "node0.example"]);
+    let ca = fedmesh(&["tls", "init", "--name", "node0.example", "--days", "30"]);
     let ca = ca.trim().to_string();
     assert_eq!(ca, data.path().join("tls/ca.pem").display().to_string());
     for name in ["shouter", "req1", "sub1"] {
@@ -637,6 +637,21 @@ fn tls_init_and_issue_set_up_mutual_tls() {
     let out = shouter_round_trip(&node, &agent, &requester);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "HELLO TLS");
 
+    // The certificate's expiry, for alerting: 30 days from now (`--days 30`).
+    let (_, body) = http_get(node.http, "/metrics").expect("GET /metrics");
+    let expiry: f64 = body
+        .lines()
+        .find(|l| l.starts_with("fedmesh_tls_cert_expiry_timestamp_seconds "))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no expiry gauge in\n{body}"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    let days = (expiry - now) / 86_400.0;
+    assert!((29.9..30.1).contains(&days), "{days} days");
+
     // OpenSSL clients accept the chain and the client certificate.
     let s = Command::new("mosquitto_sub")
         .args(["-h", "localhost", "-p", &port, "-t", "init/t", "-C", "1"])
@@ -652,4 +667,17 @@ fn tls_init_and_issue_set_up_mutual_tls() {
         pub_until_received(node.mqtt_v4, "mqttv311", "init/t", "ok", None, s),
         "ok"
     );
+
+    // A certificate about to expire is warned about when it is loaded.
+    fedmesh(&["tls", "init", "--force", "--days", "5"]);
+    node.signal("HUP");
+    let start = Instant::now();
+    while !node.log().contains("the TLS certificate expires soon") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no warning:\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
