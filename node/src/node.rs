@@ -156,7 +156,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         registry,
         status: Mutex::new(serde_json::json!({})),
-        unhealthy: Mutex::new(None),
+        // Until `restore` is done: a readiness probe must not send clients to a node whose
+        // tasks and registry are not back yet.
+        unhealthy: Mutex::new(Some("starting: restoring state".into())),
         before_scrape: Box::new(move || {
             let m = scrape_broker.metrics();
             for (name, value) in m.iter() {
@@ -351,6 +353,7 @@ impl Node {
         )?;
         self.execute(outputs).await?;
         self.refresh_status();
+        self.update_health();
         Ok(())
     }
 
@@ -442,6 +445,12 @@ impl Node {
             self.audit.checkpoint(now)?;
             self.last_checkpoint = Instant::now();
         }
+        self.update_health();
+        Ok(())
+    }
+
+    /// What `/healthz` reports: the broker's health (the node is restored by now).
+    fn update_health(&self) {
         let health = match self.broker.health() {
             fedmesh_broker::Health::Healthy => None,
             other => Some(format!("broker {other:?}")),
@@ -451,7 +460,6 @@ impl Node {
             .unhealthy
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = health;
-        Ok(())
     }
 
     /// Persists every write of `outputs` with one flush, then performs the effects in order.
