@@ -1,6 +1,20 @@
-# Shared by the benchmark scripts (bench-mqtt.sh, soak.sh, bench-max-1k.sh); source it.
+# Shared by the benchmark scripts (bench-mqtt.sh, bench-tls.sh, soak.sh, bench-max-1k.sh); source it.
 
 USED_PORTS=" "
+
+# A temporary directory, $WORK, and a list, $PIDS, of background processes: on exit the
+# processes are stopped and waited for, and the directory is removed.
+bench_work() {
+  WORK=$(mktemp -d)
+  PIDS=()
+  trap bench_cleanup EXIT
+}
+bench_cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+
 # A free loopback TCP port, never one this script handed out before.
 free_port() {
   local p

@@ -59,17 +59,9 @@ fi
 [ -x "$NODE" ] || { echo "missing $NODE (cargo build --release -p fedmesh-node)" >&2; exit 1; }
 [ -x "$LOAD" ] || { echo "missing $LOAD (cargo build --release -p fedmesh-bench)" >&2; exit 1; }
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
 # shellcheck source=scripts/bench-lib.sh
 . "$ROOT/scripts/bench-lib.sh"
+bench_work # $WORK, and $PIDS to stop on exit
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 

@@ -52,17 +52,9 @@ fi
 [ -x "$NODE" ] && [ -x "$LOAD" ] || { echo "missing $NODE or $LOAD" >&2; exit 1; }
 
 mkdir -p "$OUT"
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
 # shellcheck source=scripts/bench-lib.sh
 . "$ROOT/scripts/bench-lib.sh"
+bench_work # $WORK, and $PIDS to stop on exit
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 soak() { # name port pid
